@@ -1,0 +1,476 @@
+//! The TOML config: parsed with serde, then validated into a `DesiredState`. Every error
+//! names the exact place (`services[web].split`) and what to do; nothing is applied unless
+//! the whole file is valid.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use crate::state::{BackendSpec, DesiredState, Forwarding, Pin, Prefix, Protocol, ServiceSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {at}: {message}")]
+    Invalid {
+        path: PathBuf,
+        at: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub services: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub interfaces: Vec<String>,
+    #[serde(default = "default_mode")]
+    pub xdp_mode: String,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    #[serde(default)]
+    pub flow_table_size: Option<u32>,
+    #[serde(default)]
+    pub tcp_idle_timeout: Option<String>,
+    #[serde(default)]
+    pub udp_idle_timeout: Option<String>,
+}
+
+fn default_mode() -> String {
+    "auto".into()
+}
+fn default_socket() -> PathBuf {
+    "/run/zdd/zdd.sock".into()
+}
+fn default_pin_dir() -> PathBuf {
+    "/sys/fs/bpf/zdd".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    pub name: String,
+    pub vip: String,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    #[serde(default = "default_forwarding")]
+    pub forwarding: String,
+    #[serde(default = "default_affinity")]
+    pub affinity: String,
+    #[serde(default)]
+    pub split: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub health: Option<HealthSection>,
+    #[serde(default)]
+    pub backends: Vec<BackendSection>,
+    #[serde(default)]
+    pub pins: Vec<PinSection>,
+}
+
+fn default_protocol() -> String {
+    "tcp".into()
+}
+fn default_forwarding() -> String {
+    "nat".into()
+}
+fn default_affinity() -> String {
+    "flow".into()
+}
+
+/// Parsed and checked now; probing arrives with the health-checking work.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    pub kind: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub rise: Option<u32>,
+    #[serde(default)]
+    pub fall: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    pub name: String,
+    pub addr: String,
+    pub group: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinSection {
+    pub source: String,
+    pub group: String,
+}
+
+/// Agent settings, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentSettings {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpModeSetting,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub flow_table_size: u32,
+    pub tcp_idle: Duration,
+    pub udp_idle: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpModeSetting {
+    /// Native, falling back to skb (generic) where the driver refuses.
+    Auto,
+    Native,
+    Skb,
+}
+
+/// A whole validated config.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub agent: AgentSettings,
+    pub state: DesiredState,
+}
+
+/// Parses "500ms", "1s", "30s", "5m", "1h".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {s:?} needs a unit: ms, s, m or h"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(format!("duration {s:?}: unit must be ms, s, m or h")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+pub fn parse(path: &std::path::Path, text: &str) -> Result<Config, ConfigError> {
+    let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let invalid = |at: String, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        at,
+        message,
+    };
+    let agent = validate_agent(&file.agent).map_err(|(at, m)| invalid(at, m))?;
+    let state = validate_services(&file.services).map_err(|(at, m)| invalid(at, m))?;
+    Ok(Config { agent, state })
+}
+
+type Invalid = (String, String);
+
+fn validate_agent(a: &AgentSection) -> Result<AgentSettings, Invalid> {
+    let at = |f: &str| format!("agent.{f}");
+    if a.interfaces.is_empty() {
+        return Err((
+            at("interfaces"),
+            "list at least one interface to attach to".into(),
+        ));
+    }
+    for (i, name) in a.interfaces.iter().enumerate() {
+        if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(' ') {
+            return Err((
+                format!("agent.interfaces[{i}]"),
+                format!("{name:?} is not an interface name"),
+            ));
+        }
+        if a.interfaces[..i].contains(name) {
+            return Err((
+                format!("agent.interfaces[{i}]"),
+                format!("{name:?} is listed twice"),
+            ));
+        }
+    }
+    let xdp_mode = match a.xdp_mode.as_str() {
+        "auto" => XdpModeSetting::Auto,
+        "native" => XdpModeSetting::Native,
+        "skb" => XdpModeSetting::Skb,
+        m => {
+            return Err((
+                at("xdp_mode"),
+                format!("{m:?}: use \"auto\", \"native\" or \"skb\""),
+            ));
+        }
+    };
+    let flow_table_size = a
+        .flow_table_size
+        .unwrap_or(zdd_common::DEFAULT_FLOW_TABLE_SIZE);
+    if !(1024..=64 << 20).contains(&flow_table_size) {
+        return Err((
+            at("flow_table_size"),
+            format!("{flow_table_size}: must be between 1024 and 67108864"),
+        ));
+    }
+    let dur = |f: &str, v: &Option<String>, default: u64| -> Result<Duration, Invalid> {
+        match v {
+            None => Ok(Duration::from_secs(default)),
+            Some(s) => {
+                let d = parse_duration(s).map_err(|m| (at(f), m))?;
+                if d.is_zero() {
+                    return Err((at(f), "must be above zero".into()));
+                }
+                Ok(d)
+            }
+        }
+    };
+    Ok(AgentSettings {
+        interfaces: a.interfaces.clone(),
+        xdp_mode,
+        socket: a.socket.clone(),
+        pin_dir: a.pin_dir.clone(),
+        flow_table_size,
+        tcp_idle: dur("tcp_idle_timeout", &a.tcp_idle_timeout, 3600)?,
+        udp_idle: dur("udp_idle_timeout", &a.udp_idle_timeout, 30)?,
+    })
+}
+
+/// Split percentages into buckets of 0.01%: whole numbers or up to two decimals.
+fn split_buckets(at: &str, group: &str, v: &toml::Value) -> Result<u32, Invalid> {
+    let pct = match v {
+        toml::Value::Integer(i) => *i as f64,
+        toml::Value::Float(f) => *f,
+        other => {
+            return Err((
+                format!("{at}.{group}"),
+                format!("{other} is not a percentage"),
+            ));
+        }
+    };
+    if !(0.0..=100.0).contains(&pct) {
+        return Err((
+            format!("{at}.{group}"),
+            format!("{pct} is outside 0..100"),
+        ));
+    }
+    let b = pct * 100.0;
+    if (b - b.round()).abs() > 1e-6 {
+        return Err((
+            format!("{at}.{group}"),
+            format!("{pct}: the split is set in steps of 0.01%"),
+        ));
+    }
+    Ok(b.round() as u32)
+}
+
+fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invalid> {
+    let mut out: Vec<ServiceSpec> = Vec::new();
+    if services.len() > zdd_common::MAX_SERVICES as usize {
+        return Err((
+            "services".into(),
+            format!("{} services; at most {}", services.len(), zdd_common::MAX_SERVICES),
+        ));
+    }
+    for (i, s) in services.iter().enumerate() {
+        let at = if s.name.is_empty() {
+            format!("services[{i}]")
+        } else {
+            format!("services[{}]", s.name)
+        };
+        let f = |field: &str| format!("{at}.{field}");
+        if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err((f("name"), format!("{:?}: use letters, digits, '-', '_' or '.'", s.name)));
+        }
+        if out.iter().any(|o| o.name == s.name) {
+            return Err((f("name"), "another service has this name".into()));
+        }
+        let vip: SocketAddr = s
+            .vip
+            .parse()
+            .map_err(|_| (f("vip"), format!("{:?} is not ip:port (IPv6: [addr]:port)", s.vip)))?;
+        if vip.port() == 0 {
+            return Err((f("vip"), "port 0 is not a service port".into()));
+        }
+        let protocol = match s.protocol.as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            p => return Err((f("protocol"), format!("{p:?}: use \"tcp\" or \"udp\""))),
+        };
+        if let Some(o) = out.iter().find(|o| o.vip == vip && o.protocol == protocol) {
+            return Err((f("vip"), format!("service {} already uses this VIP and protocol", o.name)));
+        }
+        let forwarding = match s.forwarding.as_str() {
+            "nat" => Forwarding::Nat,
+            "dsr" => Forwarding::Dsr,
+            m => return Err((f("forwarding"), format!("{m:?}: use \"nat\" or \"dsr\""))),
+        };
+        let client_affinity = match s.affinity.as_str() {
+            "flow" => false,
+            "client" => true,
+            a => return Err((f("affinity"), format!("{a:?}: use \"flow\" or \"client\""))),
+        };
+        if let Some(h) = &s.health {
+            validate_health(&f("health"), h)?;
+        }
+
+        let mut backends: Vec<BackendSpec> = Vec::new();
+        for (j, b) in s.backends.iter().enumerate() {
+            let bat = if b.name.is_empty() {
+                format!("{at}.backends[{j}]")
+            } else {
+                format!("{at}.backends[{}]", b.name)
+            };
+            if b.name.is_empty() {
+                return Err((bat, "needs a name".into()));
+            }
+            if backends.iter().any(|o| o.name == b.name) {
+                return Err((format!("{bat}.name"), "another backend of this service has this name".into()));
+            }
+            let addr: SocketAddr = b.addr.parse().map_err(|_| {
+                (format!("{bat}.addr"), format!("{:?} is not ip:port (IPv6: [addr]:port)", b.addr))
+            })?;
+            if addr.is_ipv4() != vip.is_ipv4() {
+                return Err((format!("{bat}.addr"), "must be of the VIP's address family".into()));
+            }
+            if addr.port() == 0 {
+                return Err((format!("{bat}.addr"), "port 0 is not a backend port".into()));
+            }
+            if forwarding == Forwarding::Dsr && addr.port() != vip.port() {
+                return Err((
+                    format!("{bat}.addr"),
+                    format!("dsr does not rewrite ports: the backend must listen on the VIP's port {}", vip.port()),
+                ));
+            }
+            if b.group.is_empty() {
+                return Err((format!("{bat}.group"), "needs a group".into()));
+            }
+            if b.weight > 65_535 {
+                return Err((format!("{bat}.weight"), format!("{}: at most 65535", b.weight)));
+            }
+            backends.push(BackendSpec {
+                name: b.name.clone(),
+                addr,
+                group: b.group.clone(),
+                weight: b.weight,
+            });
+        }
+
+        let mut split: Vec<(String, u32)> = Vec::new();
+        for (g, v) in &s.split {
+            split.push((g.clone(), split_buckets(&f("split"), g, v)?));
+        }
+        if split.is_empty() {
+            return Err((f("split"), "give the share of each group, e.g. split = { blue = 100 }".into()));
+        }
+        let total: u32 = split.iter().map(|(_, b)| b).sum();
+        if total != zdd_common::SPLIT_BUCKETS {
+            return Err((f("split"), format!("shares add up to {}%, not 100%", total as f64 / 100.0)));
+        }
+        for (g, b) in &split {
+            if *b > 0 && !backends.iter().any(|be| &be.group == g && be.weight > 0) {
+                return Err((
+                    format!("{}.{g}", f("split")),
+                    format!("group {g:?} gets {}% but has no backend with a weight above 0", *b as f64 / 100.0),
+                ));
+            }
+        }
+
+        let mut pins = Vec::new();
+        for (k, p) in s.pins.iter().enumerate() {
+            let pat = format!("{at}.pins[{k}]");
+            let prefix: Prefix = p.source.parse().map_err(|m| (format!("{pat}.source"), m))?;
+            if prefix.addr.is_ipv4() != vip.is_ipv4() {
+                return Err((format!("{pat}.source"), "must be of the VIP's address family".into()));
+            }
+            if !backends.iter().any(|be| be.group == p.group && be.weight > 0) {
+                return Err((
+                    format!("{pat}.group"),
+                    format!("group {:?} has no backend with a weight above 0", p.group),
+                ));
+            }
+            if pins.iter().any(|o: &Pin| o.prefix == prefix) {
+                return Err((format!("{pat}.source"), "this prefix is pinned twice".into()));
+            }
+            pins.push(Pin { prefix, group: p.group.clone() });
+        }
+
+        let mut groups: Vec<&str> = split.iter().map(|(g, _)| g.as_str()).collect();
+        groups.extend(backends.iter().map(|b| b.group.as_str()));
+        groups.sort();
+        groups.dedup();
+        if groups.len() > zdd_common::MAX_GROUPS {
+            return Err((f("split"), format!("{} groups; at most {}", groups.len(), zdd_common::MAX_GROUPS)));
+        }
+
+        out.push(ServiceSpec {
+            name: s.name.clone(),
+            vip,
+            protocol,
+            forwarding,
+            client_affinity,
+            split,
+            backends,
+            pins,
+        });
+    }
+    let total_backends: usize = out.iter().map(|s| s.backends.len()).sum();
+    if total_backends > zdd_common::MAX_BACKENDS as usize {
+        return Err(("services".into(), format!("{total_backends} backends in all; at most {}", zdd_common::MAX_BACKENDS)));
+    }
+    Ok(DesiredState { services: out })
+}
+
+fn validate_health(at: &str, h: &HealthSection) -> Result<(), Invalid> {
+    match h.kind.as_str() {
+        "tcp" | "http" | "none" => {}
+        k => return Err((format!("{at}.kind"), format!("{k:?}: use \"tcp\", \"http\" or \"none\""))),
+    }
+    for (name, v) in [("interval", &h.interval), ("timeout", &h.timeout)] {
+        if let Some(s) = v {
+            parse_duration(s).map_err(|m| (format!("{at}.{name}"), m))?;
+        }
+    }
+    for (name, v) in [("rise", h.rise), ("fall", h.fall)] {
+        if v == Some(0) {
+            return Err((format!("{at}.{name}"), "must be at least 1".into()));
+        }
+    }
+    if let Some(p) = &h.path {
+        if !p.starts_with('/') {
+            return Err((format!("{at}.path"), format!("{p:?} must start with '/'")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! `zdd-agent run`: load, apply, attach, then serve signals until told to stop.
+//! SIGHUP re-reads the config and applies it without detaching; SIGINT/SIGTERM detach,
+//! remove the pins and exit.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::{self, AgentSettings, Config},
+    maps::{Dataplane, LoadOptions},
+};
+
+/// Data-path tunables from the agent settings.
+pub fn dp_config(a: &AgentSettings) -> zdd_common::Config {
+    zdd_common::Config {
+        tcp_idle_ns: a.tcp_idle.as_nanos() as u64,
+        udp_idle_ns: a.udp_idle.as_nanos() as u64,
+        ..Default::default()
+    }
+}
+
+/// Loads the program and applies `cfg`, then attaches. On any failure, everything done so
+/// far is undone: nothing half-applied stays behind.
+pub fn start(cfg: &Config) -> Result<Dataplane> {
+    let a = &cfg.agent;
+    let mut dp = Dataplane::load(&LoadOptions {
+        pin_dir: a.pin_dir.clone(),
+        flow_table_size: a.flow_table_size,
+        config: dp_config(a),
+    })?;
+    if dp.adopted() {
+        log::info!(
+            "adopted maps pinned in {} (flows kept)",
+            dp.pin_dir().display()
+        );
+    }
+    let result = (|| -> Result<()> {
+        let report = dp.apply(&cfg.state).context("applying the config")?;
+        log::info!("applied config: {report}");
+        for iface in &a.interfaces {
+            let mode = dp.attach(iface, a.xdp_mode)?;
+            log::info!("attached to {iface} ({mode})");
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        dp.detach_all();
+        if !dp.adopted() {
+            let _ = dp.unpin_all();
+        }
+        return Err(e);
+    }
+    Ok(dp)
+}
+
+/// Applies a re-read config. Settings that need a restart are refused, whole.
+pub fn reload(dp: &mut Dataplane, running: &AgentSettings, new: &Config) -> Result<()> {
+    let a = &new.agent;
+    for (field, same) in [
+        ("interfaces", a.interfaces == running.interfaces),
+        ("xdp_mode", a.xdp_mode == running.xdp_mode),
+        ("pin_dir", a.pin_dir == running.pin_dir),
+        ("flow_table_size", a.flow_table_size == running.flow_table_size),
+    ] {
+        if !same {
+            bail!("agent.{field} changed: it takes effect at a restart; nothing was applied");
+        }
+    }
+    let report = dp.apply(&new.state).context("applying the config")?;
+    dp.write_config(&dp_config(a))?;
+    log::info!("reloaded config: {report}");
+    Ok(())
+}
+
+pub async fn run(path: &Path) -> Result<()> {
+    let mut cfg = config::load(path)?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut dp = start(&cfg)?;
+    log::info!(
+        "zdd-agent ready: {} service(s) on {}",
+        cfg.state.services.len(),
+        cfg.agent.interfaces.join(",")
+    );
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match config::load(path).map_err(anyhow::Error::from).and_then(|new| {
+                    reload(&mut dp, &cfg.agent, &new)?;
+                    Ok(new)
+                }) {
+                    Ok(new) => cfg = new,
+                    Err(e) => log::error!("reload refused, still running the previous config: {e:#}"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    log::info!("stopping: detaching from {}", dp.attached_interfaces().join(","));
+    dp.detach_all();
+    dp.unpin_all()
+        .with_context(|| format!("removing pins in {}", dp.pin_dir().display()))?;
+    log::info!("zdd-agent stopped");
+    Ok(())
+}

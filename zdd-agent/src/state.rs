@@ -1,0 +1,167 @@
+//! Desired state: what the data path should do, validated, in one type. The config file
+//! produces it today; the socket API, health checks and deployments will produce it too.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => zdd_common::PROTO_TCP,
+            Protocol::Udp => zdd_common::PROTO_UDP,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarding {
+    Nat,
+    Dsr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub group: String,
+    pub weight: u32,
+}
+
+/// A source prefix, e.g. `10.20.0.0/16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address/prefix-length"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = if l.is_empty() {
+            max
+        } else {
+            l.parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?
+        };
+        // Host bits set is almost always a typo; say so rather than guess.
+        let masked = mask(addr, len);
+        if masked != addr {
+            return Err(format!("{s:?} has host bits set; did you mean {masked}/{len}?"));
+        }
+        Ok(Prefix { addr, len })
+    }
+}
+
+fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pin {
+    pub prefix: Prefix,
+    pub group: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+    pub forwarding: Forwarding,
+    pub client_affinity: bool,
+    /// Group → share in buckets of 0.01% (sums to `SPLIT_BUCKETS`).
+    pub split: Vec<(String, u32)>,
+    pub backends: Vec<BackendSpec>,
+    pub pins: Vec<Pin>,
+}
+
+impl ServiceSpec {
+    /// Every group the service knows: from the split and from the backends, sorted.
+    pub fn groups(&self) -> Vec<String> {
+        let mut g: Vec<String> = self.split.iter().map(|(g, _)| g.clone()).collect();
+        g.extend(self.backends.iter().map(|b| b.group.clone()));
+        g.sort();
+        g.dedup();
+        g
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: Vec<ServiceSpec>,
+}
+
+/// An address in the data path's form: wire-order bytes in `[u32; 4]`, IPv4 in word 0.
+pub fn wire_addr(ip: IpAddr) -> zdd_common::Addr {
+    match ip {
+        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+pub fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        zdd_common::FAMILY_V4
+    } else {
+        zdd_common::FAMILY_V6
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_parse_and_reject_host_bits() {
+        let p: Prefix = "10.20.0.0/16".parse().unwrap();
+        assert_eq!(p.len, 16);
+        assert!("10.20.0.1/16".parse::<Prefix>().unwrap_err().contains("10.20.0.0/16"));
+        assert_eq!("fd00::/8".parse::<Prefix>().unwrap().len, 8);
+        assert_eq!("10.1.2.3".parse::<Prefix>().unwrap().len, 32);
+        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
+        assert!("nope/8".parse::<Prefix>().is_err());
+    }
+
+    #[test]
+    fn wire_addr_keeps_network_order_bytes() {
+        let a = wire_addr("10.0.2.11".parse().unwrap());
+        assert_eq!(a[0].to_ne_bytes(), [10, 0, 2, 11]);
+        let b = wire_addr("fd00:2::b".parse().unwrap());
+        assert_eq!(b[0].to_ne_bytes(), [0xfd, 0, 0, 2]);
+        assert_eq!(b[3].to_ne_bytes(), [0, 0, 0, 0x0b]);
+    }
+}

@@ -1,0 +1,118 @@
+//! The split table: `SPLIT_BUCKETS` buckets (0.01% each), each owned by one group index.
+//!
+//! Built incrementally from the previous table: a group that shrinks gives up exactly the
+//! buckets it no longer needs, and only groups that grow receive them. So as a canary grows
+//! (5% → 25% → 100%) no bucket ever moves from the new group back to the old one, and a
+//! change of split moves the minimum number of buckets.
+
+use zdd_common::SPLIT_BUCKETS;
+
+pub const BUCKETS: usize = SPLIT_BUCKETS as usize;
+/// A bucket owned by no group (only during building).
+const FREE: u8 = u8::MAX;
+
+/// `targets[g]` = buckets group index `g` must own; they must sum to `BUCKETS`.
+/// `prev` is the table in force (None on first build).
+pub fn build(prev: Option<&[u8]>, targets: &[u32]) -> Vec<u8> {
+    assert_eq!(
+        targets.iter().map(|&t| t as usize).sum::<usize>(),
+        BUCKETS,
+        "split targets must cover every bucket"
+    );
+    let mut table = match prev {
+        Some(p) if p.len() == BUCKETS => p
+            .iter()
+            .map(|&g| if (g as usize) < targets.len() { g } else { FREE })
+            .collect::<Vec<u8>>(),
+        _ => vec![FREE; BUCKETS],
+    };
+    let mut have = vec![0u32; targets.len()];
+    for &g in &table {
+        if g != FREE {
+            have[g as usize] += 1;
+        }
+    }
+    // Shrinking groups release their highest-numbered buckets (any fixed rule would do: the
+    // hash spreads flows uniformly over buckets).
+    for i in (0..BUCKETS).rev() {
+        let g = table[i];
+        if g != FREE && have[g as usize] > targets[g as usize] {
+            have[g as usize] -= 1;
+            table[i] = FREE;
+        }
+    }
+    // Growing groups take free buckets in order.
+    let mut g = 0usize;
+    for slot in table.iter_mut().filter(|s| **s == FREE) {
+        while have[g] >= targets[g] {
+            g += 1;
+        }
+        *slot = g as u8;
+        have[g] += 1;
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(t: &[u8], n: usize) -> Vec<u32> {
+        let mut c = vec![0; n];
+        for &g in t {
+            c[g as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn exact_shares_from_scratch() {
+        let t = build(None, &[9_500, 500]);
+        assert_eq!(counts(&t, 2), vec![9_500, 500]);
+        let t = build(None, &[3_333, 3_333, 3_334]);
+        assert_eq!(counts(&t, 3), vec![3_333, 3_333, 3_334]);
+    }
+
+    #[test]
+    fn canary_growth_is_monotonic_and_minimal() {
+        // blue = 0, green = 1; green grows through the usual canary steps and back.
+        let steps = [0u32, 1, 500, 2_500, 5_000, 9_999, 10_000];
+        let mut prev = build(None, &[10_000, 0]);
+        for w in steps.windows(2) {
+            let next = build(Some(&prev), &[10_000 - w[1], w[1]]);
+            let moved = prev.iter().zip(&next).filter(|(a, b)| a != b).count() as u32;
+            assert_eq!(moved, w[1] - w[0], "only the needed buckets move");
+            for (a, b) in prev.iter().zip(&next) {
+                assert!(!(*a == 1 && *b == 0), "a green bucket went back to blue");
+            }
+            prev = next;
+        }
+    }
+
+    #[test]
+    fn multi_group_shift_only_moves_between_changed_groups() {
+        let a = build(None, &[5_000, 3_000, 2_000]);
+        // Group 2 grows at group 0's expense; group 1 must not move at all.
+        let b = build(Some(&a), &[4_000, 3_000, 3_000]);
+        for (x, y) in a.iter().zip(&b) {
+            if x != y {
+                assert_eq!((*x, *y), (0, 2));
+            }
+        }
+        assert_eq!(counts(&b, 3), vec![4_000, 3_000, 3_000]);
+    }
+
+    #[test]
+    fn removed_group_buckets_are_reassigned() {
+        let a = build(None, &[5_000, 5_000, 0]);
+        // Group index 1 disappears (targets shorter): its buckets go to the others.
+        let b = build(Some(&a), &[10_000]);
+        assert!(b.iter().all(|&g| g == 0));
+    }
+
+    #[test]
+    #[should_panic(expected = "cover every bucket")]
+    fn targets_must_sum_to_all_buckets() {
+        build(None, &[5_000, 4_999]);
+    }
+}

@@ -1,0 +1,383 @@
+//! The contract between the XDP program and the agent: map names, keys, values and
+//! constants. Both sides import these types; nothing here is re-declared elsewhere.
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields (always written as zero), because
+//! BPF compares every byte of a hash key, padding included.
+//!
+//! Byte order: addresses and ports are kept exactly as they appear on the wire (network
+//! order), stored in the host integer types unchanged, so the data path never swaps bytes.
+#![no_std]
+
+pub mod hash;
+
+/// Version of the map layout below. Pinned maps live under a directory named after it, so
+/// an agent never adopts maps whose layout it does not understand.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as declared in the XDP program and pinned under bpffs.
+pub mod map_names {
+    pub const SERVICES: &str = "ZDD_SERVICES";
+    pub const BACKENDS: &str = "ZDD_BACKENDS";
+    pub const SELECT: &str = "ZDD_SELECT";
+    pub const MAGLEV: &str = "ZDD_MAGLEV";
+    pub const PINS: &str = "ZDD_PINS";
+    pub const FLOWS: &str = "ZDD_FLOWS";
+    pub const REVERSE: &str = "ZDD_REVERSE";
+    pub const NEXTHOP: &str = "ZDD_NEXTHOP";
+    pub const PORTS: &str = "ZDD_PORTS";
+    pub const CONFIG: &str = "ZDD_CONFIG";
+    pub const GLOBAL_STATS: &str = "ZDD_GLOBAL_STATS";
+    pub const SERVICE_STATS: &str = "ZDD_SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "ZDD_BACKEND_STATS";
+}
+
+/// Name of the XDP program in the object.
+pub const PROGRAM_NAME: &str = "zdd_xdp";
+
+pub const MAX_SERVICES: u32 = 256;
+/// Backend ids are `u16` in the Maglev tables.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Groups per service (blue, green, canary, ...).
+pub const MAX_GROUPS: usize = 8;
+/// The split is resolved in buckets of 0.01%.
+pub const SPLIT_BUCKETS: u32 = 10_000;
+/// Maglev table size: prime, so every backend's permutation visits every slot.
+pub const MAGLEV_SIZE: u32 = 65_537;
+/// Maglev tables in the pool (one per group per selection slot in use).
+pub const MAX_MAGLEV_TABLES: u32 = 128;
+/// Default flow-table capacity; the agent may change it at load time.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
+/// Each service has two selection slots: the active one and the one being rewritten.
+pub const SLOTS: u32 = 2;
+
+/// Marks an unused entry in `Selection::tables`.
+pub const NO_TABLE: u32 = u32::MAX;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// An IP address of either family: IPv4 lives in `w[0]`, the rest zero.
+pub type Addr = [u32; 4];
+
+/// Key of `SERVICES`: a VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct VipKey {
+    pub addr: Addr,
+    /// Network order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// `Service::flags`
+pub mod service_flags {
+    /// Direct server return: rewrite only the MAC; the backend holds the VIP itself.
+    pub const DSR: u32 = 1 << 0;
+    /// Select by source address only, so every connection of a client lands together.
+    pub const AFFINITY_CLIENT: u32 = 1 << 1;
+    /// The service has cohort pins: consult `PINS` before the split.
+    pub const HAS_PINS: u32 = 1 << 2;
+}
+
+/// Value of `SERVICES`. Replaced as a whole (a hash-map update is atomic for readers), which
+/// is how a new selection slot is switched in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Index into the per-service arrays (`SELECT`, `SERVICE_STATS`).
+    pub id: u32,
+    pub flags: u32,
+    /// Active selection slot, 0 or 1.
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+/// `Backend::flags`
+pub mod backend_flags {
+    /// Set while the backend exists; flows to a cleared entry are re-selected.
+    pub const LIVE: u8 = 1 << 0;
+}
+
+/// Value of `BACKENDS`, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Network order.
+    pub port: u16,
+    pub family: u8,
+    pub flags: u8,
+    /// Bumped whenever the id is given to another backend, so old flows notice.
+    pub generation: u16,
+    pub _pad: u16,
+}
+
+/// Value of `SELECT`, indexed by `service.id * SLOTS + slot`: everything a new flow needs
+/// to pick a group and a backend. Written whole into the idle slot before the flip.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Selection {
+    /// Maglev table id of each group index, or `NO_TABLE`.
+    pub tables: [u32; MAX_GROUPS],
+    /// Group index of each split bucket.
+    pub buckets: [u8; SPLIT_BUCKETS as usize],
+}
+
+impl Default for Selection {
+    fn default() -> Self {
+        Selection {
+            tables: [NO_TABLE; MAX_GROUPS],
+            buckets: [0; SPLIT_BUCKETS as usize],
+        }
+    }
+}
+
+/// Value of `MAGLEV`, indexed by table id: backend id of each slot.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MaglevTable {
+    pub entries: [u16; MAGLEV_SIZE as usize],
+    pub _pad: u16,
+}
+
+/// Data part of the `PINS` LPM key: service, slot and family are matched whole (the first
+/// 48 bits of every prefix), then `prefix` bits of the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PinKey {
+    pub service: u32,
+    pub slot: u8,
+    pub family: u8,
+    /// Address bytes in wire order (IPv4 in the first 4).
+    pub addr: [u8; 16],
+    pub _pad: [u8; 2],
+}
+
+/// Bits of a `PinKey` that precede the address.
+pub const PIN_KEY_FIXED_BITS: u32 = 48;
+
+/// Key of `FLOWS` (forward direction, as the client sent it) and of `REVERSE` (as the
+/// backend answers: src = backend, dst = client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `FlowEntry::flags`
+pub mod flow_flags {
+    /// FIN seen from the client.
+    pub const FIN_FWD: u32 = 1 << 0;
+    /// FIN seen from the backend.
+    pub const FIN_REV: u32 = 1 << 1;
+    /// RST seen, or FIN in both directions: the entry lives only `closing_timeout` more.
+    pub const CLOSING: u32 = 1 << 2;
+}
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEntry {
+    pub backend: u16,
+    pub generation: u16,
+    pub flags: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last packet.
+    pub last_seen: u64,
+}
+
+/// Value of `REVERSE` (nat only): what the backend's answer is translated back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReverseEntry {
+    pub vip: Addr,
+    /// Network order.
+    pub vport: u16,
+    pub _pad: u16,
+    pub service: u32,
+    pub last_seen: u64,
+}
+
+/// Value of `NEXTHOP`, indexed by backend id: a cached FIB result, refreshed by the data
+/// path when older than `Config::nexthop_ttl_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// 0 = never resolved.
+    pub resolved_at: u64,
+}
+
+/// `PORTS` bits, indexed by port in host order: a cheap pre-filter that keeps traffic which
+/// cannot belong to zdd at two array reads.
+pub mod port_flags {
+    /// Some VIP listens on this destination port.
+    pub const VIP: u8 = 1 << 0;
+    /// Some nat backend answers from this source port.
+    pub const BACKEND: u8 = 1 << 1;
+}
+
+/// Value of `PORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortFlags {
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `CONFIG[0]`: data-path tunables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub layout_version: u32,
+    pub _pad: u32,
+    pub tcp_idle_ns: u64,
+    pub udp_idle_ns: u64,
+    pub closing_ns: u64,
+    pub nexthop_ttl_ns: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        const S: u64 = 1_000_000_000;
+        Config {
+            layout_version: LAYOUT_VERSION,
+            _pad: 0,
+            tcp_idle_ns: 3600 * S,
+            udp_idle_ns: 30 * S,
+            closing_ns: 10 * S,
+            nexthop_ttl_ns: S,
+        }
+    }
+}
+
+/// Packet, byte and new-flow counts (per CPU in the maps; the agent sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Index of `GLOBAL_STATS`: one counter per verdict and per reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Not for zdd: passed untouched.
+    Pass = 0,
+    /// Forwarded after a rewrite (XDP_TX or XDP_REDIRECT).
+    Forward = 1,
+    /// Rewritten and handed to the kernel (next hop not resolved yet).
+    PassToKernel = 2,
+    /// A reply of a nat flow translated back.
+    Reverse = 3,
+    /// Malformed or truncated frame (passed untouched).
+    Malformed = 4,
+    /// Fragment addressed to a VIP (dropped).
+    Fragment = 5,
+    /// VIP without a usable backend (dropped).
+    NoBackend = 6,
+    /// Flow table insert failed.
+    FlowTableFull = 7,
+    /// FIB lookup failed for another reason than an unresolved neighbour (dropped).
+    FibFailure = 8,
+    /// TTL/hop limit expired on a VIP flow (passed to the kernel, which answers).
+    TtlExpired = 9,
+    /// New flows created.
+    NewFlow = 10,
+    /// Established flows whose backend had gone, re-selected.
+    Reselected = 11,
+    /// Frames dropped for any reason (sum of the drop reasons).
+    Drop = 12,
+}
+
+pub const STAT_COUNT: u32 = 13;
+
+impl Stat {
+    pub const ALL: [Stat; STAT_COUNT as usize] = [
+        Stat::Pass,
+        Stat::Forward,
+        Stat::PassToKernel,
+        Stat::Reverse,
+        Stat::Malformed,
+        Stat::Fragment,
+        Stat::NoBackend,
+        Stat::FlowTableFull,
+        Stat::FibFailure,
+        Stat::TtlExpired,
+        Stat::NewFlow,
+        Stat::Reselected,
+        Stat::Drop,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::Pass => "pass",
+            Stat::Forward => "forward",
+            Stat::PassToKernel => "pass_to_kernel",
+            Stat::Reverse => "reverse",
+            Stat::Malformed => "malformed",
+            Stat::Fragment => "fragment",
+            Stat::NoBackend => "no_backend",
+            Stat::FlowTableFull => "flow_table_full",
+            Stat::FibFailure => "fib_failure",
+            Stat::TtlExpired => "ttl_expired",
+            Stat::NewFlow => "new_flow",
+            Stat::Reselected => "reselected",
+            Stat::Drop => "drop",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding fields and no pointers.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Selection {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for PinKey {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for ReverseEntry {}
+    unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for PortFlags {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    // Sizes are part of the layout: a change here is a LAYOUT_VERSION bump.
+    #[test]
+    fn layout_sizes_have_no_hidden_padding() {
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<PinKey>(), 24);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowEntry>(), 16);
+        assert_eq!(size_of::<ReverseEntry>(), 32);
+        assert_eq!(size_of::<NextHop>(), 24);
+        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<Counters>(), 24);
+        assert_eq!(size_of::<Selection>(), 4 * MAX_GROUPS + SPLIT_BUCKETS as usize);
+        assert_eq!(size_of::<MaglevTable>(), 2 * MAGLEV_SIZE as usize + 2);
+    }
+}

@@ -1,0 +1,222 @@
+//! zdd's XDP program. A packet reads top to bottom:
+//!
+//!   parse → addressed to a VIP?            → forward direction (to_backend)
+//!         → else a reply of a nat flow?     → translate back (to_client)
+//!         → else XDP_PASS, untouched
+//!
+//!   to_backend: flow table hit? else select (pin or split → group, Maglev → backend) and
+//!   record the flow → rewrite (nat) → next hop → redirect.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod flow;
+mod forward;
+mod maps;
+mod nat;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+    macros::xdp,
+    programs::XdpContext,
+};
+use zdd_common::{
+    Addr, Config, ReverseEntry, Service, Stat, VipKey, port_flags, service_flags,
+};
+
+use crate::{
+    flow::Lookup,
+    forward::Hop,
+    maps::{ZDD_CONFIG, ZDD_PORTS, ZDD_REVERSE, ZDD_SERVICES},
+    nat::End,
+    parse::{Packet, Parsed, TCP_FIN, TCP_RST},
+    stats::count,
+};
+
+#[xdp]
+pub fn zdd_xdp(ctx: XdpContext) -> u32 {
+    let pkt = match parse::parse(&ctx) {
+        Parsed::Packet(p) => p,
+        Parsed::Fragment { family, dst } => return fragment(family, &dst),
+        Parsed::Other => return pass(),
+        Parsed::Malformed => {
+            count(Stat::Malformed);
+            return XDP_PASS;
+        }
+    };
+    let dst_ports = port_bits(pkt.dport);
+    if dst_ports & port_flags::VIP != 0 {
+        if let Some(svc) = service(&pkt) {
+            return to_backend(&ctx, &pkt, &svc);
+        }
+    }
+    if port_bits(pkt.sport) & port_flags::BACKEND != 0 {
+        if let Some(rev) = reverse(&pkt) {
+            return to_client(&ctx, &pkt, &rev);
+        }
+    }
+    pass()
+}
+
+#[inline(always)]
+fn pass() -> u32 {
+    count(Stat::Pass);
+    XDP_PASS
+}
+
+#[inline(always)]
+fn drop(reason: Stat) -> u32 {
+    count(reason);
+    count(Stat::Drop);
+    XDP_DROP
+}
+
+#[inline(always)]
+fn port_bits(port: u16) -> u8 {
+    ZDD_PORTS
+        .get(u16::from_be(port) as u32)
+        .map(|p| p.flags)
+        .unwrap_or(0)
+}
+
+#[inline(always)]
+fn service(pkt: &Packet) -> Option<Service> {
+    let key = VipKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+    };
+    // SAFETY: copied out at once; a concurrent replace publishes a whole new value.
+    unsafe { ZDD_SERVICES.get(&key).copied() }
+}
+
+#[inline(always)]
+fn reverse(pkt: &Packet) -> Option<ReverseEntry> {
+    // SAFETY: copied out at once.
+    unsafe { ZDD_REVERSE.get(&flow::key(pkt)).copied() }
+}
+
+/// Fragments to a VIP address are dropped (documented policy: they cannot be matched to a
+/// flow without reassembly); others pass. A VIP address is marked by port 0, protocol 0.
+#[inline(always)]
+fn fragment(family: u8, dst: &Addr) -> u32 {
+    let key = VipKey {
+        addr: *dst,
+        port: 0,
+        proto: 0,
+        family,
+    };
+    // SAFETY: presence check only.
+    if unsafe { ZDD_SERVICES.get(&key) }.is_some() {
+        return drop(Stat::Fragment);
+    }
+    pass()
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+fn config() -> Config {
+    ZDD_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// Forward direction: flow table, else select; rewrite; send to the backend.
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
+    let cfg = config();
+    let now = now();
+    let key = flow::key(pkt);
+    let nat = svc.flags & service_flags::DSR == 0;
+
+    let (id, new_flow) = match flow::lookup(&key, pkt, &cfg, now) {
+        Lookup::Hit(id) => (id, false),
+        found => {
+            let Some((id, be)) = select::select(svc, pkt) else {
+                return drop(Stat::NoBackend);
+            };
+            if matches!(found, Lookup::Orphan) {
+                count(Stat::Reselected);
+            } else {
+                count(Stat::NewFlow);
+            }
+            if !flow::insert(&key, id, be.generation, pkt, now) {
+                count(Stat::FlowTableFull);
+            }
+            if nat && !flow::insert_reverse(&flow::reverse_key(pkt, &be.addr, be.port), pkt, svc.id, now) {
+                count(Stat::FlowTableFull);
+            }
+            (id, true)
+        }
+    };
+    let Some(be) = maps::ZDD_BACKENDS.get(id as u32) else {
+        return drop(Stat::NoBackend);
+    };
+    stats::count_flow(svc.id, id, (ctx.data_end() - ctx.data()) as u64, new_flow);
+
+    if nat {
+        if nat::ttl(ctx, pkt).unwrap_or(0) <= 1 {
+            count(Stat::TtlExpired);
+            return XDP_PASS;
+        }
+        if nat::rewrite(ctx, pkt, End::Dst, &be.addr, be.port).is_none() {
+            return drop(Stat::Malformed);
+        }
+    }
+    match forward::to_backend(ctx, pkt, id, be, &cfg, now) {
+        Hop::Via(nh) => {
+            if nat {
+                nat::decrement_ttl(ctx, pkt);
+            }
+            count(Stat::Forward);
+            forward::send(ctx, &nh)
+        }
+        // The kernel forwards this one (already translated) and resolves the neighbour.
+        Hop::Unresolved if nat => {
+            count(Stat::PassToKernel);
+            XDP_PASS
+        }
+        _ => drop(Stat::FibFailure),
+    }
+}
+
+/// Reply of a nat flow: the backend's address becomes the VIP again.
+#[inline(always)]
+fn to_client(ctx: &XdpContext, pkt: &Packet, rev: &ReverseEntry) -> u32 {
+    if nat::ttl(ctx, pkt).unwrap_or(0) <= 1 {
+        count(Stat::TtlExpired);
+        return XDP_PASS;
+    }
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        flow::note_reply_close(pkt, rev);
+    }
+    if nat::rewrite(ctx, pkt, End::Src, &rev.vip, rev.vport).is_none() {
+        return drop(Stat::Malformed);
+    }
+    count(Stat::Reverse);
+    match forward::fib(ctx, pkt, &rev.vip, &pkt.dst) {
+        Hop::Via(nh) => {
+            nat::decrement_ttl(ctx, pkt);
+            forward::send(ctx, &nh)
+        }
+        Hop::Unresolved => {
+            count(Stat::PassToKernel);
+            XDP_PASS
+        }
+        Hop::Failed => drop(Stat::FibFailure),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

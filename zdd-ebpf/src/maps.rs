@@ -1,0 +1,56 @@
+//! Every map of the program. All are pinned by name so a restarted or upgraded agent adopts
+//! them (the agent chooses a pin directory per `LAYOUT_VERSION`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use zdd_common::{
+    Backend, Config, Counters, DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, MAX_BACKENDS,
+    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PinKey, PortFlags, ReverseEntry,
+    SLOTS, STAT_COUNT, Selection, Service, VipKey,
+};
+
+/// VIP (and, with port 0 and protocol 0, a VIP address) → service.
+#[map]
+pub static ZDD_SERVICES: HashMap<VipKey, Service> = HashMap::pinned(MAX_SERVICES * 2, 0);
+
+#[map]
+pub static ZDD_BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map]
+pub static ZDD_SELECT: Array<Selection> = Array::pinned(MAX_SERVICES * SLOTS, 0);
+
+#[map]
+pub static ZDD_MAGLEV: Array<MaglevTable> = Array::pinned(MAX_MAGLEV_TABLES, 0);
+
+/// Cohort pins: (service, slot, family, source prefix) → group index.
+#[map]
+pub static ZDD_PINS: LpmTrie<PinKey, u32> = LpmTrie::pinned(4096, 0);
+
+#[map]
+pub static ZDD_FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// nat replies: backend-side 5-tuple → VIP to translate back to.
+#[map]
+pub static ZDD_REVERSE: LruHashMap<FlowKey, ReverseEntry> =
+    LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+#[map]
+pub static ZDD_NEXTHOP: Array<NextHop> = Array::pinned(MAX_BACKENDS, 0);
+
+#[map]
+pub static ZDD_PORTS: Array<PortFlags> = Array::pinned(65_536, 0);
+
+#[map]
+pub static ZDD_CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map]
+pub static ZDD_GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+#[map]
+pub static ZDD_SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map]
+pub static ZDD_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);

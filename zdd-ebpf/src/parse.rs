@@ -1,0 +1,201 @@
+//! Step 1: parse. Ethernet, one 802.1Q tag, IPv4 (with options) or IPv6, then TCP or UDP.
+//! Every access is bounds-checked against `data_end`; a frame that fails a check is reported
+//! as malformed and is never rewritten.
+
+use aya_ebpf::programs::XdpContext;
+use zdd_common::{Addr, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPV6_HLEN: usize = 40;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// A parsed TCP or UDP packet. Addresses and ports are as on the wire.
+pub struct Packet {
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4: usize,
+    pub family: u8,
+    pub proto: u8,
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// IPv4 total length or IPv6 payload length + 40, host order.
+    pub ip_len: u16,
+}
+
+pub enum Parsed {
+    Packet(Packet),
+    /// A fragment (IPv4 MF/offset, IPv6 fragment header), with its destination.
+    Fragment { family: u8, dst: Addr },
+    /// Not IP, or an IP protocol zdd does not balance.
+    Other,
+    /// Truncated or inconsistent headers.
+    Malformed,
+}
+
+/// Pointer to `len` bytes at `off`, or None if the frame is shorter.
+#[inline(always)]
+pub fn ptr_at(ctx: &XdpContext, off: usize, len: usize) -> Option<*mut u8> {
+    let start = ctx.data();
+    if start + off + len > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut u8)
+}
+
+#[inline(always)]
+pub fn load16(p: *const u8) -> u16 {
+    // SAFETY: callers obtained `p` from `ptr_at` with room for 2 bytes.
+    unsafe { (p as *const u16).read_unaligned() }
+}
+
+#[inline(always)]
+pub fn load32(p: *const u8) -> u32 {
+    // SAFETY: as above, 4 bytes.
+    unsafe { (p as *const u32).read_unaligned() }
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let Some(eth) = ptr_at(ctx, 0, ETH_HLEN) else {
+        return Parsed::Malformed;
+    };
+    let mut l3 = ETH_HLEN;
+    let mut ethertype = u16::from_be(load16(unsafe { eth.add(12) }));
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        let Some(tag) = ptr_at(ctx, ETH_HLEN, 4) else {
+            return Parsed::Malformed;
+        };
+        ethertype = u16::from_be(load16(unsafe { tag.add(2) }));
+        l3 += 4;
+    }
+    match ethertype {
+        ETH_P_IP => parse_v4(ctx, l3),
+        ETH_P_IPV6 => parse_v6(ctx, l3),
+        _ => Parsed::Other,
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3: usize) -> Parsed {
+    let Some(ip) = ptr_at(ctx, l3, 20) else {
+        return Parsed::Malformed;
+    };
+    // SAFETY: 20 bytes checked above.
+    let (vihl, frag, proto) = unsafe { (*ip, u16::from_be(load16(ip.add(6))), *ip.add(9)) };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let ip_len = u16::from_be(load16(unsafe { ip.add(2) }));
+    if vihl >> 4 != 4 || ihl < 20 || (ip_len as usize) < ihl {
+        return Parsed::Malformed;
+    }
+    let dst = [load32(unsafe { ip.add(16) }), 0, 0, 0];
+    // MF set or a non-zero offset: a fragment.
+    if frag & 0x3fff != 0 {
+        return Parsed::Fragment { family: FAMILY_V4, dst };
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Parsed::Other;
+    }
+    // Options: make sure the whole header is there before trusting `ihl`.
+    if ptr_at(ctx, l3, ihl).is_none() {
+        return Parsed::Malformed;
+    }
+    let src = [load32(unsafe { ip.add(12) }), 0, 0, 0];
+    l4(ctx, l3, l3 + ihl, FAMILY_V4, proto, src, dst, ip_len)
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
+    let Some(ip) = ptr_at(ctx, l3, IPV6_HLEN) else {
+        return Parsed::Malformed;
+    };
+    // SAFETY: 40 bytes checked above.
+    let (vers, next) = unsafe { (*ip >> 4, *ip.add(6)) };
+    if vers != 6 {
+        return Parsed::Malformed;
+    }
+    let payload = u16::from_be(load16(unsafe { ip.add(4) }));
+    let addr = |o: usize| -> Addr {
+        let p = unsafe { ip.add(o) };
+        unsafe {
+            [
+                load32(p),
+                load32(p.add(4)),
+                load32(p.add(8)),
+                load32(p.add(12)),
+            ]
+        }
+    };
+    let dst = addr(24);
+    if next == NEXTHDR_FRAGMENT {
+        return Parsed::Fragment { family: FAMILY_V6, dst };
+    }
+    if next != PROTO_TCP && next != PROTO_UDP {
+        return Parsed::Other;
+    }
+    let src = addr(8);
+    l4(
+        ctx,
+        l3,
+        l3 + IPV6_HLEN,
+        FAMILY_V6,
+        next,
+        src,
+        dst,
+        payload.wrapping_add(IPV6_HLEN as u16),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn l4(
+    ctx: &XdpContext,
+    l3: usize,
+    l4: usize,
+    family: u8,
+    proto: u8,
+    src: Addr,
+    dst: Addr,
+    ip_len: u16,
+) -> Parsed {
+    let hlen = if proto == PROTO_TCP { TCP_HLEN } else { UDP_HLEN };
+    let Some(h) = ptr_at(ctx, l4, hlen) else {
+        return Parsed::Malformed;
+    };
+    let (sport, dport) = (load16(h), load16(unsafe { h.add(2) }));
+    let mut tcp_flags = 0;
+    if proto == PROTO_TCP {
+        // SAFETY: 20 bytes checked above.
+        let doff = unsafe { *h.add(12) } >> 4;
+        if doff < 5 {
+            return Parsed::Malformed;
+        }
+        tcp_flags = unsafe { *h.add(13) };
+    }
+    Parsed::Packet(Packet {
+        l3,
+        l4,
+        family,
+        proto,
+        src,
+        dst,
+        sport,
+        dport,
+        tcp_flags,
+        ip_len,
+    })
+}
