@@ -1,0 +1,101 @@
+//! zdd-lab-server: the lab's backend. Answers every HTTP request with 200 and its own name and
+//! group, and echoes its name and group to every UDP datagram.
+//!
+//! `zdd-lab-server --name blue-1 --group blue --listen 0.0.0.0:8080 [--listen [::]:8080]
+//!  [--udp-echo 0.0.0.0:9000] ...`
+
+mod http;
+mod udp;
+
+use std::net::SocketAddr;
+use std::process::exit;
+use std::sync::Arc;
+use std::thread;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+const USAGE: &str = "usage: zdd-lab-server --name NAME --group GROUP \
+    [--listen ADDR:PORT]... [--udp-echo ADDR:PORT]...";
+
+/// Who this server is: what it says in every answer.
+pub struct Ident {
+    pub name: String,
+    pub group: String,
+    /// `<name> <group>\n`
+    pub body: Vec<u8>,
+}
+
+struct Args {
+    ident: Ident,
+    listen: Vec<SocketAddr>,
+    udp: Vec<SocketAddr>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let (mut name, mut group, mut listen, mut udp) = (None, None, Vec::new(), Vec::new());
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        let addr = |v: String| v.parse::<SocketAddr>().map_err(|e| format!("{v}: {e}"));
+        match flag.as_str() {
+            "--name" => name = Some(value()?),
+            "--group" => group = Some(value()?),
+            "--listen" => listen.push(addr(value()?)?),
+            "--udp-echo" => udp.push(addr(value()?)?),
+            _ => return Err(format!("unknown argument {flag}")),
+        }
+    }
+    let (Some(name), Some(group)) = (name, group) else {
+        return Err("--name and --group are required".into());
+    };
+    if listen.is_empty() && udp.is_empty() {
+        return Err("nothing to serve: give --listen or --udp-echo".into());
+    }
+    let body = format!("{name} {group}\n").into_bytes();
+    Ok(Args {
+        ident: Ident { name, group, body },
+        listen,
+        udp,
+    })
+}
+
+fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    s.set_reuse_address(true)?;
+    // [::]:P beside 0.0.0.0:P: the IPv6 socket must not claim IPv4 too.
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
+fn main() {
+    let args = parse_args().unwrap_or_else(|e| {
+        eprintln!("zdd-lab-server: {e}\n{USAGE}");
+        exit(2)
+    });
+    let ident = Arc::new(args.ident);
+    let fail = |what: &str, addr: SocketAddr, e: std::io::Error| -> ! {
+        eprintln!("zdd-lab-server: {what} {addr}: {e}");
+        exit(1)
+    };
+    let mut threads = Vec::new();
+    // UDP before TCP: whoever sees TCP accept knows that UDP is bound too.
+    for addr in args.udp {
+        let sock =
+            socket(addr, Type::DGRAM, Protocol::UDP).unwrap_or_else(|e| fail("udp", addr, e));
+        let ident = ident.clone();
+        threads.push(thread::spawn(move || udp::echo(sock.into(), &ident)));
+    }
+    for addr in args.listen {
+        let sock = socket(addr, Type::STREAM, Protocol::TCP)
+            .and_then(|s| s.listen(1024).map(|()| s))
+            .unwrap_or_else(|e| fail("listen", addr, e));
+        let ident = ident.clone();
+        threads.push(thread::spawn(move || http::accept_loop(sock.into(), ident)));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
