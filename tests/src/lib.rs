@@ -1,9 +1,11 @@
 //! Test support for zdd: a lab of network namespaces joined by veth pairs ([`lab`]),
 //! the backend server it runs (`zdd-lab-server`), and a minimal HTTP client ([`http`]).
 
+pub mod agent;
 pub mod http;
 pub mod lab;
 
+pub use agent::{Agent, VIP_V4, VIP_V6};
 pub use http::{Response, connect_and_get, http_get};
 pub use lab::{Backend, ChildGuard, Lab, LabSpec, Node, preflight, privileged_or_skip};
 

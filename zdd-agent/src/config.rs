@@ -280,10 +280,7 @@ fn split_buckets(at: &str, group: &str, v: &toml::Value) -> Result<u32, Invalid>
         }
     };
     if !(0.0..=100.0).contains(&pct) {
-        return Err((
-            format!("{at}.{group}"),
-            format!("{pct} is outside 0..100"),
-        ));
+        return Err((format!("{at}.{group}"), format!("{pct} is outside 0..100")));
     }
     let b = pct * 100.0;
     if (b - b.round()).abs() > 1e-6 {
@@ -300,7 +297,11 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
     if services.len() > zdd_common::MAX_SERVICES as usize {
         return Err((
             "services".into(),
-            format!("{} services; at most {}", services.len(), zdd_common::MAX_SERVICES),
+            format!(
+                "{} services; at most {}",
+                services.len(),
+                zdd_common::MAX_SERVICES
+            ),
         ));
     }
     for (i, s) in services.iter().enumerate() {
@@ -310,16 +311,26 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
             format!("services[{}]", s.name)
         };
         let f = |field: &str| format!("{at}.{field}");
-        if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err((f("name"), format!("{:?}: use letters, digits, '-', '_' or '.'", s.name)));
+        if s.name.is_empty()
+            || !s
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err((
+                f("name"),
+                format!("{:?}: use letters, digits, '-', '_' or '.'", s.name),
+            ));
         }
         if out.iter().any(|o| o.name == s.name) {
             return Err((f("name"), "another service has this name".into()));
         }
-        let vip: SocketAddr = s
-            .vip
-            .parse()
-            .map_err(|_| (f("vip"), format!("{:?} is not ip:port (IPv6: [addr]:port)", s.vip)))?;
+        let vip: SocketAddr = s.vip.parse().map_err(|_| {
+            (
+                f("vip"),
+                format!("{:?} is not ip:port (IPv6: [addr]:port)", s.vip),
+            )
+        })?;
         if vip.port() == 0 {
             return Err((f("vip"), "port 0 is not a service port".into()));
         }
@@ -329,7 +340,10 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
             p => return Err((f("protocol"), format!("{p:?}: use \"tcp\" or \"udp\""))),
         };
         if let Some(o) = out.iter().find(|o| o.vip == vip && o.protocol == protocol) {
-            return Err((f("vip"), format!("service {} already uses this VIP and protocol", o.name)));
+            return Err((
+                f("vip"),
+                format!("service {} already uses this VIP and protocol", o.name),
+            ));
         }
         let forwarding = match s.forwarding.as_str() {
             "nat" => Forwarding::Nat,
@@ -356,13 +370,22 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
                 return Err((bat, "needs a name".into()));
             }
             if backends.iter().any(|o| o.name == b.name) {
-                return Err((format!("{bat}.name"), "another backend of this service has this name".into()));
+                return Err((
+                    format!("{bat}.name"),
+                    "another backend of this service has this name".into(),
+                ));
             }
             let addr: SocketAddr = b.addr.parse().map_err(|_| {
-                (format!("{bat}.addr"), format!("{:?} is not ip:port (IPv6: [addr]:port)", b.addr))
+                (
+                    format!("{bat}.addr"),
+                    format!("{:?} is not ip:port (IPv6: [addr]:port)", b.addr),
+                )
             })?;
             if addr.is_ipv4() != vip.is_ipv4() {
-                return Err((format!("{bat}.addr"), "must be of the VIP's address family".into()));
+                return Err((
+                    format!("{bat}.addr"),
+                    "must be of the VIP's address family".into(),
+                ));
             }
             if addr.port() == 0 {
                 return Err((format!("{bat}.addr"), "port 0 is not a backend port".into()));
@@ -370,14 +393,20 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
             if forwarding == Forwarding::Dsr && addr.port() != vip.port() {
                 return Err((
                     format!("{bat}.addr"),
-                    format!("dsr does not rewrite ports: the backend must listen on the VIP's port {}", vip.port()),
+                    format!(
+                        "dsr does not rewrite ports: the backend must listen on the VIP's port {}",
+                        vip.port()
+                    ),
                 ));
             }
             if b.group.is_empty() {
                 return Err((format!("{bat}.group"), "needs a group".into()));
             }
             if b.weight > 65_535 {
-                return Err((format!("{bat}.weight"), format!("{}: at most 65535", b.weight)));
+                return Err((
+                    format!("{bat}.weight"),
+                    format!("{}: at most 65535", b.weight),
+                ));
             }
             backends.push(BackendSpec {
                 name: b.name.clone(),
@@ -392,17 +421,26 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
             split.push((g.clone(), split_buckets(&f("split"), g, v)?));
         }
         if split.is_empty() {
-            return Err((f("split"), "give the share of each group, e.g. split = { blue = 100 }".into()));
+            return Err((
+                f("split"),
+                "give the share of each group, e.g. split = { blue = 100 }".into(),
+            ));
         }
         let total: u32 = split.iter().map(|(_, b)| b).sum();
         if total != zdd_common::SPLIT_BUCKETS {
-            return Err((f("split"), format!("shares add up to {}%, not 100%", total as f64 / 100.0)));
+            return Err((
+                f("split"),
+                format!("shares add up to {}%, not 100%", total as f64 / 100.0),
+            ));
         }
         for (g, b) in &split {
             if *b > 0 && !backends.iter().any(|be| &be.group == g && be.weight > 0) {
                 return Err((
                     format!("{}.{g}", f("split")),
-                    format!("group {g:?} gets {}% but has no backend with a weight above 0", *b as f64 / 100.0),
+                    format!(
+                        "group {g:?} gets {}% but has no backend with a weight above 0",
+                        *b as f64 / 100.0
+                    ),
                 ));
             }
         }
@@ -412,18 +450,30 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
             let pat = format!("{at}.pins[{k}]");
             let prefix: Prefix = p.source.parse().map_err(|m| (format!("{pat}.source"), m))?;
             if prefix.addr.is_ipv4() != vip.is_ipv4() {
-                return Err((format!("{pat}.source"), "must be of the VIP's address family".into()));
+                return Err((
+                    format!("{pat}.source"),
+                    "must be of the VIP's address family".into(),
+                ));
             }
-            if !backends.iter().any(|be| be.group == p.group && be.weight > 0) {
+            if !backends
+                .iter()
+                .any(|be| be.group == p.group && be.weight > 0)
+            {
                 return Err((
                     format!("{pat}.group"),
                     format!("group {:?} has no backend with a weight above 0", p.group),
                 ));
             }
             if pins.iter().any(|o: &Pin| o.prefix == prefix) {
-                return Err((format!("{pat}.source"), "this prefix is pinned twice".into()));
+                return Err((
+                    format!("{pat}.source"),
+                    "this prefix is pinned twice".into(),
+                ));
             }
-            pins.push(Pin { prefix, group: p.group.clone() });
+            pins.push(Pin {
+                prefix,
+                group: p.group.clone(),
+            });
         }
 
         let mut groups: Vec<&str> = split.iter().map(|(g, _)| g.as_str()).collect();
@@ -431,7 +481,14 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
         groups.sort();
         groups.dedup();
         if groups.len() > zdd_common::MAX_GROUPS {
-            return Err((f("split"), format!("{} groups; at most {}", groups.len(), zdd_common::MAX_GROUPS)));
+            return Err((
+                f("split"),
+                format!(
+                    "{} groups; at most {}",
+                    groups.len(),
+                    zdd_common::MAX_GROUPS
+                ),
+            ));
         }
 
         out.push(ServiceSpec {
@@ -447,7 +504,13 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
     }
     let total_backends: usize = out.iter().map(|s| s.backends.len()).sum();
     if total_backends > zdd_common::MAX_BACKENDS as usize {
-        return Err(("services".into(), format!("{total_backends} backends in all; at most {}", zdd_common::MAX_BACKENDS)));
+        return Err((
+            "services".into(),
+            format!(
+                "{total_backends} backends in all; at most {}",
+                zdd_common::MAX_BACKENDS
+            ),
+        ));
     }
     Ok(DesiredState { services: out })
 }
@@ -455,7 +518,12 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
 fn validate_health(at: &str, h: &HealthSection) -> Result<(), Invalid> {
     match h.kind.as_str() {
         "tcp" | "http" | "none" => {}
-        k => return Err((format!("{at}.kind"), format!("{k:?}: use \"tcp\", \"http\" or \"none\""))),
+        k => {
+            return Err((
+                format!("{at}.kind"),
+                format!("{k:?}: use \"tcp\", \"http\" or \"none\""),
+            ));
+        }
     }
     for (name, v) in [("interval", &h.interval), ("timeout", &h.timeout)] {
         if let Some(s) = v {
@@ -473,4 +541,115 @@ fn validate_health(at: &str, h: &HealthSection) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const GOOD: &str = r#"
+[agent]
+interfaces = ["eth0"]
+
+[[services]]
+name = "web"
+vip = "10.10.1.100:80"
+split = { blue = 95, green = 5 }
+
+[services.health]
+kind = "http"
+path = "/healthz"
+interval = "1s"
+timeout = "500ms"
+rise = 2
+fall = 3
+
+[[services.backends]]
+name = "blue-1"
+addr = "10.10.2.11:8080"
+group = "blue"
+
+[[services.backends]]
+name = "green-1"
+addr = "10.10.2.21:8080"
+group = "green"
+weight = 50
+
+[[services.pins]]
+source = "10.20.0.0/16"
+group = "green"
+"#;
+
+    fn err(text: &str) -> String {
+        parse(Path::new("zdd.toml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn product_example_parses() {
+        let c = parse(Path::new("zdd.toml"), GOOD).unwrap();
+        let s = &c.state.services[0];
+        assert_eq!(s.split, vec![("blue".into(), 9_500), ("green".into(), 500)]);
+        assert_eq!(s.backends[1].weight, 50);
+        assert_eq!(s.pins[0].prefix.len, 16);
+        assert_eq!(c.agent.xdp_mode, XdpModeSetting::Auto);
+        assert_eq!(c.agent.tcp_idle, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let e = err(&GOOD.replace("green = 5 }", "green = 4 }"));
+        assert!(
+            e.contains("services[web].split") && e.contains("99%"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("blue = 95, green = 5", "blue = 94.995, green = 5.005"));
+        assert!(e.contains("steps of 0.01%"), "{e}");
+        let e = err(&GOOD.replace(
+            "group = \"green\"\nweight = 50",
+            "group = \"green\"\nweight = 0",
+        ));
+        assert!(e.contains("services[web].split.green"), "{e}");
+        let e = err(&GOOD.replace("10.10.2.11:8080", "10.10.2.11"));
+        assert!(e.contains("services[web].backends[blue-1].addr"), "{e}");
+        let e = err(&GOOD.replace("10.20.0.0/16", "10.20.0.1/16"));
+        assert!(
+            e.contains("pins[0].source") && e.contains("10.20.0.0/16"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("interfaces = [\"eth0\"]", "interfaces = []"));
+        assert!(e.contains("agent.interfaces"), "{e}");
+        let e = err(&GOOD.replace("[agent]", "[agent]\nbogus = 1"));
+        assert!(e.contains("bogus"), "{e}");
+        let e = err(&GOOD
+            .replace("forwarding", "x")
+            .replace("split = { blue", "forwarding = \"dsr\"\nsplit = { blue"));
+        assert!(e.contains("dsr does not rewrite ports"), "{e}");
+        let e = err(&GOOD.replace("vip = \"10.10.1.100:80\"", "vip = \"[fd00::1]:80\""));
+        assert!(e.contains("address family"), "{e}");
+        let e = err(&GOOD.replace("interval = \"1s\"", "interval = \"1 sec\""));
+        assert!(e.contains("health.interval"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_vips_are_refused() {
+        let second = GOOD
+            .split("[[services]]")
+            .nth(1)
+            .unwrap()
+            .replace("\"web\"", "\"web2\"");
+        let e = err(&format!("{GOOD}\n[[services]]{second}"));
+        assert!(
+            e.contains("services[web2].vip") && e.contains("already uses"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
 }

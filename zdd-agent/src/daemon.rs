@@ -62,7 +62,10 @@ pub fn reload(dp: &mut Dataplane, running: &AgentSettings, new: &Config) -> Resu
         ("interfaces", a.interfaces == running.interfaces),
         ("xdp_mode", a.xdp_mode == running.xdp_mode),
         ("pin_dir", a.pin_dir == running.pin_dir),
-        ("flow_table_size", a.flow_table_size == running.flow_table_size),
+        (
+            "flow_table_size",
+            a.flow_table_size == running.flow_table_size,
+        ),
     ] {
         if !same {
             bail!("agent.{field} changed: it takes effect at a restart; nothing was applied");
@@ -100,7 +103,10 @@ pub async fn run(path: &Path) -> Result<()> {
             _ = int.recv() => break,
         }
     }
-    log::info!("stopping: detaching from {}", dp.attached_interfaces().join(","));
+    log::info!(
+        "stopping: detaching from {}",
+        dp.attached_interfaces().join(",")
+    );
     dp.detach_all();
     dp.unpin_all()
         .with_context(|| format!("removing pins in {}", dp.pin_dir().display()))?;

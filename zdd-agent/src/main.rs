@@ -5,7 +5,11 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "zdd-agent", version, about = "zero-downtime traffic shifting with XDP")]
+#[command(
+    name = "zdd-agent",
+    version,
+    about = "zero-downtime traffic shifting with XDP"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -61,7 +61,9 @@ impl FromStr for Prefix {
         // Host bits set is almost always a typo; say so rather than guess.
         let masked = mask(addr, len);
         if masked != addr {
-            return Err(format!("{s:?} has host bits set; did you mean {masked}/{len}?"));
+            return Err(format!(
+                "{s:?} has host bits set; did you mean {masked}/{len}?"
+            ));
         }
         Ok(Prefix { addr, len })
     }
@@ -74,7 +76,11 @@ fn mask(addr: IpAddr, len: u8) -> IpAddr {
             IpAddr::V4((u32::from(a) & m).into())
         }
         IpAddr::V6(a) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             IpAddr::V6((u128::from(a) & m).into())
         }
     }
@@ -149,7 +155,12 @@ mod tests {
     fn prefixes_parse_and_reject_host_bits() {
         let p: Prefix = "10.20.0.0/16".parse().unwrap();
         assert_eq!(p.len, 16);
-        assert!("10.20.0.1/16".parse::<Prefix>().unwrap_err().contains("10.20.0.0/16"));
+        assert!(
+            "10.20.0.1/16"
+                .parse::<Prefix>()
+                .unwrap_err()
+                .contains("10.20.0.0/16")
+        );
         assert_eq!("fd00::/8".parse::<Prefix>().unwrap().len, 8);
         assert_eq!("10.1.2.3".parse::<Prefix>().unwrap().len, 32);
         assert!("10.0.0.0/33".parse::<Prefix>().is_err());

@@ -10,8 +10,14 @@ const SEED: u32 = 0x5a44_4431; // "ZDD1"
 
 #[inline(always)]
 fn block(h: u32, w: u32) -> u32 {
-    let k = w.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = w
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -81,7 +87,10 @@ mod tests {
         }
         let expect = n / 100;
         for c in counts {
-            assert!(c.abs_diff(expect) < expect / 10, "bucket count {c} vs {expect}");
+            assert!(
+                c.abs_diff(expect) < expect / 10,
+                "bucket count {c} vs {expect}"
+            );
         }
     }
 

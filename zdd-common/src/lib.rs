@@ -33,6 +33,8 @@ pub mod map_names {
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "zdd_xdp";
+/// Name of the benchmark floor program (MAC swap, XDP_TX) in the same object.
+pub const FLOOR_PROGRAM_NAME: &str = "zdd_floor";
 
 pub const MAX_SERVICES: u32 = 256;
 /// Backend ids are `u16` in the Maglev tables.
@@ -377,7 +379,10 @@ mod tests {
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<Counters>(), 24);
-        assert_eq!(size_of::<Selection>(), 4 * MAX_GROUPS + SPLIT_BUCKETS as usize);
+        assert_eq!(
+            size_of::<Selection>(),
+            4 * MAX_GROUPS + SPLIT_BUCKETS as usize
+        );
         assert_eq!(size_of::<MaglevTable>(), 2 * MAGLEV_SIZE as usize + 2);
     }
 }

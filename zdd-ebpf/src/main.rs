@@ -10,6 +10,7 @@
 #![no_main]
 
 mod csum;
+mod floor;
 mod flow;
 mod forward;
 mod maps;

@@ -90,9 +90,7 @@ impl Dataplane {
                 .map_err(|e| err(format!("program swap failed: {e}")))?;
             let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
             let link = FdLink::try_from(link).map_err(|e| err(e.to_string()))?;
-            self.links
-                .held
-                .push((iface.into(), Held { link, path }));
+            self.links.held.push((iface.into(), Held { link, path }));
             return Ok(AttachedMode::Adopted);
         }
 
@@ -122,9 +120,8 @@ impl Dataplane {
             },
         };
         // A netlink attachment (kernels before 5.9) cannot be pinned or adopted.
-        let fd = FdLink::try_from(link).map_err(|_| {
-            err("the kernel has no XDP bpf_link (needs Linux 5.9 or later)".into())
-        })?;
+        let fd = FdLink::try_from(link)
+            .map_err(|_| err("the kernel has no XDP bpf_link (needs Linux 5.9 or later)".into()))?;
         let pinned = fd
             .pin(&path)
             .map_err(|e| err(format!("cannot pin link at {}: {e}", path.display())))?;

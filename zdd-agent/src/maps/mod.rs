@@ -15,7 +15,7 @@ use zdd_common::{Config as DpConfig, LAYOUT_VERSION, PROGRAM_NAME, map_names};
 
 pub use links::AttachedMode;
 pub use stats::{CounterSnapshot, Stats};
-pub use writer::{ApplyReport, Applied};
+pub use writer::{Applied, ApplyReport};
 
 /// The XDP object, embedded at build time by build.rs (from `cargo xtask build-ebpf`).
 #[cfg(zdd_ebpf_embedded)]
@@ -206,5 +206,21 @@ impl Dataplane {
             let _ = std::fs::remove_dir(base);
         }
         Ok(())
+    }
+}
+
+impl Dataplane {
+    /// Loads the benchmark floor program from the same object (never attached by the agent).
+    pub fn load_floor(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(zdd_common::FLOOR_PROGRAM_NAME)
+            .expect("floor program is in the object")
+            .try_into()
+            .expect("program is XDP");
+        if prog.fd().is_err() {
+            prog.load().map_err(DataplaneError::Verifier)?;
+        }
+        Ok(prog)
     }
 }

@@ -47,11 +47,12 @@ impl Dataplane {
         let m: PerCpuArray<_, Counters> =
             PerCpuArray::try_from(self.ebpf.map(map).unwrap()).map_err(map_err(map))?;
         let v = m.get(&index, 0).map_err(map_err(map))?;
-        Ok(v.iter().fold(CounterSnapshot::default(), |a, c| CounterSnapshot {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-            new_flows: a.new_flows + c.new_flows,
-        }))
+        Ok(v.iter()
+            .fold(CounterSnapshot::default(), |a, c| CounterSnapshot {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+                new_flows: a.new_flows + c.new_flows,
+            }))
     }
 
     /// Counters of a service by name, if it is applied.

@@ -69,7 +69,11 @@ impl Applied {
     }
 
     pub fn backend_id(&self, service: &str, backend: &str) -> Option<u16> {
-        self.services.get(service)?.backends.get(backend).map(|b| b.id)
+        self.services
+            .get(service)?
+            .backends
+            .get(backend)
+            .map(|b| b.id)
     }
 
     /// Group index → name of a service (for tests and status).
@@ -260,7 +264,11 @@ impl Dataplane {
             } else {
                 report.added.push(spec.name.clone());
             }
-            let stale = a.stale_services.iter().find(|(k, _)| *k == key).map(|(_, s)| *s);
+            let stale = a
+                .stale_services
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, s)| *s);
             let (id, slot, old_value) = match (old, stale) {
                 (Some(o), _) => (o.id, 1 - o.slot, Some(self.service_value(o))),
                 (None, Some(s)) => (s.id, 1 - s.slot, Some(s)),
@@ -455,9 +463,8 @@ impl Dataplane {
     }
 
     fn write_idle(&mut self, plans: &[Plan]) -> Result<(), DataplaneError> {
-        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| {
-            DataplaneError::Capacity(format!("cannot count CPUs: {e}"))
-        })?;
+        let ncpu = aya::util::nr_cpus()
+            .map_err(|(_, e)| DataplaneError::Capacity(format!("cannot count CPUs: {e}")))?;
         let zero = || PerCpuValues::try_from(vec![Counters::default(); ncpu]).unwrap();
         for p in plans {
             {
@@ -532,10 +539,18 @@ impl Dataplane {
 
     /// Writes port-filter bits: the union with what is there (before a flip) or exactly
     /// `ports` (after it).
-    fn write_ports(&mut self, ports: &BTreeMap<u16, u8>, union: bool) -> Result<(), DataplaneError> {
+    fn write_ports(
+        &mut self,
+        ports: &BTreeMap<u16, u8>,
+        union: bool,
+    ) -> Result<(), DataplaneError> {
         let mut m: Array<&mut MapData, PortFlags> =
             Array::try_from(self.ebpf.map_mut(n::PORTS).unwrap()).map_err(map_err(n::PORTS))?;
-        let all: BTreeSet<u16> = ports.keys().chain(self.applied.ports.keys()).copied().collect();
+        let all: BTreeSet<u16> = ports
+            .keys()
+            .chain(self.applied.ports.keys())
+            .copied()
+            .collect();
         for p in all {
             let want = ports.get(&p).copied().unwrap_or(0);
             let have = self.applied.ports.get(&p).copied().unwrap_or(0);
@@ -571,7 +586,8 @@ impl Dataplane {
         for p in plans {
             let mk = marker(&p.svc.key);
             if !self.applied.markers.contains(&mk) {
-                m.insert(mk, marker_value, 0).map_err(map_err(n::SERVICES))?;
+                m.insert(mk, marker_value, 0)
+                    .map_err(map_err(n::SERVICES))?;
                 self.applied.markers.insert(mk);
             }
         }
@@ -615,9 +631,10 @@ impl Dataplane {
         for name in names {
             let replaced_here = replaced.contains(name.as_str());
             let removed = !keep.contains(name.as_str());
-            let same_key = plans
-                .iter()
-                .any(|p| p.svc.spec.name == name && Some(&p.svc.key) == self.applied.services.get(&name).map(|s| &s.key));
+            let same_key = plans.iter().any(|p| {
+                p.svc.spec.name == name
+                    && Some(&p.svc.key) == self.applied.services.get(&name).map(|s| &s.key)
+            });
             if !(replaced_here || removed) {
                 continue;
             }
@@ -628,7 +645,12 @@ impl Dataplane {
                 .filter(|p| p.svc.spec.name == name)
                 .flat_map(|p| p.svc.backends.values().map(|b| b.id))
                 .collect();
-            dead_backends.extend(old.backends.values().map(|b| b.id).filter(|id| !new_ids.contains(id)));
+            dead_backends.extend(
+                old.backends
+                    .values()
+                    .map(|b| b.id)
+                    .filter(|id| !new_ids.contains(id)),
+            );
             if removed || !same_key {
                 if !new_keys.contains(&old.key) {
                     gone_keys.push(old.key);

@@ -148,13 +148,12 @@ mod tests {
             let fewer: Vec<Member> = all.iter().filter(|m| m.id != 1).cloned().collect();
             let b = build(&fewer).unwrap();
             // Slots of backends other than the removed one that changed owner.
-            let moved = a
-                .iter()
-                .zip(&b)
-                .filter(|(x, y)| **x != 1 && x != y)
-                .count() as f64
-                / SIZE as f64;
-            assert!(moved <= 1.0 / n as f64 + 0.01, "n={n}: {moved} of others moved");
+            let moved =
+                a.iter().zip(&b).filter(|(x, y)| **x != 1 && x != y).count() as f64 / SIZE as f64;
+            assert!(
+                moved <= 1.0 / n as f64 + 0.01,
+                "n={n}: {moved} of others moved"
+            );
         }
     }
 }

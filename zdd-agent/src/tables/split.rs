@@ -22,7 +22,13 @@ pub fn build(prev: Option<&[u8]>, targets: &[u32]) -> Vec<u8> {
     let mut table = match prev {
         Some(p) if p.len() == BUCKETS => p
             .iter()
-            .map(|&g| if (g as usize) < targets.len() { g } else { FREE })
+            .map(|&g| {
+                if (g as usize) < targets.len() {
+                    g
+                } else {
+                    FREE
+                }
+            })
             .collect::<Vec<u8>>(),
         _ => vec![FREE; BUCKETS],
     };
