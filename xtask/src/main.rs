@@ -42,6 +42,21 @@ enum Cmd {
     /// Build the eBPF object, build the whole workspace and run its tests.
     /// Arguments after `--` go to the test binaries (after `--test-threads=2`).
     Test(TestArgs),
+    /// Bring up the lab, start the agent, move live traffic from blue to green in steps,
+    /// print answers per group and failures per second, tear everything down.
+    Demo(TestArgs),
+    /// Benchmarks that print numbers: `datapath` (BPF_PROG_TEST_RUN against a floor
+    /// program) or `e2e` (the lab with wrk and nginx, against direct routing and nftables).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// `datapath` or `e2e`.
+    kind: String,
+    /// Extra arguments for the benchmark (e.g. `--quick`).
+    #[arg(last = true)]
+    extra: Vec<String>,
 }
 
 #[derive(Args)]
@@ -81,6 +96,17 @@ fn real_main() -> Result<()> {
             println!("==> done in {}", secs(start));
         }
         Cmd::Test(args) => test(&ws, &args.extra)?,
+        Cmd::Demo(args) => run_lab_bin(&ws, false, "zdd-demo", &args.extra)?,
+        Cmd::Bench(args) => {
+            ensure!(
+                matches!(args.kind.as_str(), "datapath" | "e2e"),
+                "unknown benchmark `{}`: use `cargo xtask bench datapath` or `cargo xtask bench e2e`",
+                args.kind
+            );
+            let mut extra = vec![args.kind.clone()];
+            extra.extend(args.extra);
+            run_lab_bin(&ws, true, "zdd-bench", &extra)?
+        }
     }
     Ok(())
 }
@@ -621,6 +647,38 @@ fn test(ws: &Path, extra: &[String]) -> Result<()> {
     if !status.success() {
         eprintln!("error: step `run the tests` failed: `{line}` exited with {status}");
         std::process::exit(status.code().unwrap_or(101));
+    }
+    Ok(())
+}
+
+/// Builds the eBPF object, the agent and the lab tools, then runs one of the lab tools
+/// (`zdd-demo`, `zdd-bench`) as root.
+fn run_lab_bin(ws: &Path, release: bool, bin: &str, extra: &[String]) -> Result<()> {
+    let euid = effective_uid()?;
+    ensure!(
+        euid == 0,
+        "`{bin}` builds network namespaces and loads XDP programs: run it as root \
+         (e.g. `sudo -E cargo xtask ...`)"
+    );
+    build_ebpf(ws, false).context("building the eBPF object failed")?;
+    step(&format!("build zdd-agent, zdd and {bin}"));
+    let mut cmd = workspace_cargo(ws);
+    cmd.args(["build", "-p", "zdd-agent", "-p", "zdd-tests", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(cmd).context("building the binaries failed: fix the compile errors reported above")?;
+    let path = ws
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join(bin);
+    step(&format!("run {}", path.display()));
+    let mut cmd = Command::new(&path);
+    cmd.args(extra);
+    let status = status(&mut cmd)?;
+    if !status.success() {
+        eprintln!("error: {bin} exited with {status}");
+        std::process::exit(status.code().unwrap_or(1));
     }
     Ok(())
 }

@@ -328,3 +328,9 @@ impl Drop for Lab {
 fn hex_digits(n: u16) -> u16 {
     u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex digits")
 }
+
+/// Moves the calling thread into namespace `ns` (by name), for long-lived worker threads;
+/// see [`Lab::in_ns`] for one-off work.
+pub fn enter_netns(ns: &str) -> std::io::Result<()> {
+    netns::enter(&netns::open(ns)?)
+}

@@ -1,0 +1,137 @@
+//! `cargo xtask demo`: the lab, the agent, live traffic, and a split moving from blue to
+//! green in steps. Prints, each second, how many answers came from each group and how many
+//! requests failed; one keep-alive connection shows that established flows stay put.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use zdd_tests::{
+    Agent, Lab, LabSpec, Node, VIP_V4, agent::workspace_bin, connect_and_get, http_get,
+};
+
+const STEPS: [(u32, u32); 6] = [(100, 0), (90, 10), (75, 25), (50, 50), (25, 75), (0, 100)];
+const SECONDS_PER_STEP: u64 = 2;
+
+#[derive(Default)]
+struct Counts {
+    blue: AtomicU64,
+    green: AtomicU64,
+    failed: AtomicU64,
+}
+
+fn services(lab: &Lab, blue: u32, green: u32) -> String {
+    let mut s = format!(
+        "[[services]]\nname = \"web\"\nvip = \"{VIP_V4}:80\"\nsplit = {{ blue = {blue}, green = {green} }}\n"
+    );
+    for b in lab.backends() {
+        s += &format!(
+            "\n[[services.backends]]\nname = \"{}\"\naddr = \"{}\"\ngroup = \"{}\"\n",
+            b.name,
+            b.http_v4(),
+            b.group
+        );
+    }
+    s
+}
+
+fn main() -> Result<()> {
+    zdd_tests::lab::preflight()
+        .map_err(|e| anyhow::anyhow!("the demo needs root and a network-namespace lab: {e}"))?;
+    println!("zdd demo: building the lab (client, edge host, blue-1, blue-2, green-1, green-2)");
+    let lab = Lab::new(LabSpec::with_server(workspace_bin("zdd-lab-server")))?;
+    let mut agent = Agent::start(&lab, &services(&lab, 100, 0))
+        .context("starting zdd-agent in the edge namespace")?;
+    println!(
+        "zdd-agent attached to the edge host's eth0 and eth1; VIP {VIP_V4}:80 (config {})",
+        agent.config_path().display()
+    );
+    let vip: SocketAddr = format!("{VIP_V4}:80").parse()?;
+
+    let counts = Arc::new(Counts::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    // Two clients opening a new connection per request, as fast as they can.
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (counts, stop, ns) = (
+                counts.clone(),
+                stop.clone(),
+                lab.ns_name(Node::Client).to_string(),
+            );
+            std::thread::spawn(move || {
+                zdd_tests::lab::enter_netns(&ns).expect("enter the client namespace");
+                while !stop.load(Relaxed) {
+                    match connect_and_get(vip) {
+                        Ok(r) if r.group == "blue" => counts.blue.fetch_add(1, Relaxed),
+                        Ok(r) if r.group == "green" => counts.green.fetch_add(1, Relaxed),
+                        _ => counts.failed.fetch_add(1, Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    // One long-lived keep-alive connection: it must stay on its first backend throughout.
+    let mut keep = lab.in_ns(Node::Client, || {
+        TcpStream::connect_timeout(&vip, Duration::from_secs(2))
+    })?;
+    let first = http_get(&mut keep, VIP_V4, "/")?.backend;
+
+    println!();
+    println!("  time  split (blue/green)   answers: blue  green  failed   keep-alive connection");
+    let start = Instant::now();
+    let (mut total_failed, mut keep_moved) = (0u64, false);
+    for (blue, green) in STEPS {
+        if (blue, green) != STEPS[0] {
+            agent
+                .reload(&services(&lab, blue, green))
+                .context("reloading the agent")?;
+        }
+        for _ in 0..SECONDS_PER_STEP {
+            std::thread::sleep(Duration::from_secs(1));
+            let b = counts.blue.swap(0, Relaxed);
+            let g = counts.green.swap(0, Relaxed);
+            let f = counts.failed.swap(0, Relaxed);
+            total_failed += f;
+            let k = match http_get(&mut keep, VIP_V4, "/") {
+                Ok(r) => r.backend,
+                Err(e) => format!("error: {e}"),
+            };
+            keep_moved |= k != first;
+            println!(
+                "  {:>3}s  {:>3}% / {:>3}%          {:>6} {:>6} {:>7}   {k}",
+                start.elapsed().as_secs(),
+                blue,
+                green,
+                b,
+                g,
+                f
+            );
+        }
+    }
+    stop.store(true, Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    let stats = agent.zdd(&["stats"])?;
+    agent.stop()?;
+    println!();
+    println!(
+        "moved all new traffic from blue to green in {} steps: {} failed request(s); the keep-alive connection {} on {first}",
+        STEPS.len(),
+        total_failed,
+        if keep_moved {
+            "MOVED from its backend"
+        } else {
+            "stayed"
+        }
+    );
+    println!("data-path counters (zdd stats):\n{stats}");
+    println!("tearing down the lab");
+    Ok(())
+}
