@@ -302,9 +302,11 @@ pub enum Stat {
     Reselected = 11,
     /// Frames dropped for any reason (sum of the drop reasons).
     Drop = 12,
+    /// ICMP errors about a VIP flow, translated and sent on.
+    IcmpTranslated = 13,
 }
 
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_COUNT: u32 = 14;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -321,6 +323,7 @@ impl Stat {
         Stat::NewFlow,
         Stat::Reselected,
         Stat::Drop,
+        Stat::IcmpTranslated,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -338,6 +341,7 @@ impl Stat {
             Stat::NewFlow => "new_flow",
             Stat::Reselected => "reselected",
             Stat::Drop => "drop",
+            Stat::IcmpTranslated => "icmp_translated",
         }
     }
 }

@@ -13,6 +13,7 @@ mod csum;
 mod floor;
 mod flow;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -43,6 +44,7 @@ pub fn zdd_xdp(ctx: XdpContext) -> u32 {
     let pkt = match parse::parse(&ctx) {
         Parsed::Packet(p) => p,
         Parsed::Fragment { family, dst } => return fragment(family, &dst),
+        Parsed::Icmp(icmp) => return icmp::handle(&ctx, &icmp, &config(), now()),
         Parsed::Other => return pass(),
         Parsed::Malformed => {
             count(Stat::Malformed);
@@ -64,13 +66,13 @@ pub fn zdd_xdp(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn pass() -> u32 {
+pub(crate) fn pass() -> u32 {
     count(Stat::Pass);
     XDP_PASS
 }
 
 #[inline(always)]
-fn drop(reason: Stat) -> u32 {
+pub(crate) fn drop(reason: Stat) -> u32 {
     count(reason);
     count(Stat::Drop);
     XDP_DROP

@@ -13,6 +13,9 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPV6_HLEN: usize = 40;
 const NEXTHDR_FRAGMENT: u8 = 44;
 const TCP_HLEN: usize = 20;
+const ICMP_HLEN: usize = 8;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 const UDP_HLEN: usize = 8;
 
 pub const TCP_FIN: u8 = 0x01;
@@ -41,6 +44,8 @@ pub enum Parsed {
     Packet(Packet),
     /// A fragment (IPv4 MF/offset, IPv6 fragment header), with its destination.
     Fragment { family: u8, dst: Addr },
+    /// ICMP or ICMPv6 (errors about VIP flows are translated, see `icmp`).
+    Icmp(Packet),
     /// Not IP, or an IP protocol zdd does not balance.
     Other,
     /// Truncated or inconsistent headers.
@@ -107,7 +112,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Parsed {
     if frag & 0x3fff != 0 {
         return Parsed::Fragment { family: FAMILY_V4, dst };
     }
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
         return Parsed::Other;
     }
     // Options: make sure the whole header is there before trusting `ihl`.
@@ -115,6 +120,9 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Parsed {
         return Parsed::Malformed;
     }
     let src = [load32(unsafe { ip.add(12) }), 0, 0, 0];
+    if proto == PROTO_ICMP {
+        return icmp(ctx, l3, l3 + ihl, FAMILY_V4, proto, src, dst, ip_len);
+    }
     l4(ctx, l3, l3 + ihl, FAMILY_V4, proto, src, dst, ip_len)
 }
 
@@ -144,10 +152,14 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
     if next == NEXTHDR_FRAGMENT {
         return Parsed::Fragment { family: FAMILY_V6, dst };
     }
-    if next != PROTO_TCP && next != PROTO_UDP {
+    if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
         return Parsed::Other;
     }
     let src = addr(8);
+    if next == PROTO_ICMPV6 {
+        let len = payload.wrapping_add(IPV6_HLEN as u16);
+        return icmp(ctx, l3, l3 + IPV6_HLEN, FAMILY_V6, next, src, dst, len);
+    }
     l4(
         ctx,
         l3,
@@ -158,6 +170,38 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
         dst,
         payload.wrapping_add(IPV6_HLEN as u16),
     )
+}
+
+/// An ICMP header: `tcp_flags` carries the type, `sport` the code (no ports in ICMP).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn icmp(
+    ctx: &XdpContext,
+    l3: usize,
+    l4: usize,
+    family: u8,
+    proto: u8,
+    src: Addr,
+    dst: Addr,
+    ip_len: u16,
+) -> Parsed {
+    let Some(h) = ptr_at(ctx, l4, ICMP_HLEN) else {
+        return Parsed::Malformed;
+    };
+    // SAFETY: 8 bytes checked above.
+    let (kind, code) = unsafe { (*h, *h.add(1)) };
+    Parsed::Icmp(Packet {
+        l3,
+        l4,
+        family,
+        proto,
+        src,
+        dst,
+        sport: code as u16,
+        dport: 0,
+        tcp_flags: kind,
+        ip_len,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -172,20 +216,23 @@ fn l4(
     dst: Addr,
     ip_len: u16,
 ) -> Parsed {
-    let hlen = if proto == PROTO_TCP { TCP_HLEN } else { UDP_HLEN };
-    let Some(h) = ptr_at(ctx, l4, hlen) else {
-        return Parsed::Malformed;
-    };
-    let (sport, dport) = (load16(h), load16(unsafe { h.add(2) }));
-    let mut tcp_flags = 0;
-    if proto == PROTO_TCP {
+    // Separate checks per protocol: the verifier must see a constant length for each.
+    let (sport, dport, tcp_flags) = if proto == PROTO_TCP {
+        let Some(h) = ptr_at(ctx, l4, TCP_HLEN) else {
+            return Parsed::Malformed;
+        };
         // SAFETY: 20 bytes checked above.
-        let doff = unsafe { *h.add(12) } >> 4;
+        let (doff, flags) = unsafe { (*h.add(12) >> 4, *h.add(13)) };
         if doff < 5 {
             return Parsed::Malformed;
         }
-        tcp_flags = unsafe { *h.add(13) };
-    }
+        (load16(h), load16(unsafe { h.add(2) }), flags)
+    } else {
+        let Some(h) = ptr_at(ctx, l4, UDP_HLEN) else {
+            return Parsed::Malformed;
+        };
+        (load16(h), load16(unsafe { h.add(2) }), 0)
+    };
     Parsed::Packet(Packet {
         l3,
         l4,
