@@ -157,3 +157,106 @@ mod tests {
         }
     }
 }
+
+/// Randomized properties over many backend sets (fixed seeds, so failures reproduce).
+#[cfg(test)]
+mod properties {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn range(&mut self, lo: u64, hi: u64) -> u64 {
+            lo + self.next() % (hi - lo + 1)
+        }
+    }
+
+    fn random_set(rng: &mut Rng, n: usize) -> Vec<Member> {
+        (0..n)
+            .map(|i| Member {
+                id: i as u16,
+                key: format!(
+                    "be{}-{}@10.1.{}.{}:80",
+                    i,
+                    rng.next() % 1000,
+                    i / 250,
+                    i % 250
+                ),
+                weight: rng.range(1, 100) as u32,
+            })
+            .collect()
+    }
+
+    fn counts(t: &[u16], n: usize) -> Vec<usize> {
+        let mut c = vec![0; n];
+        for &e in t {
+            c[e as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn every_backend_gets_its_weight_share_within_one_percent() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for _ in 0..25 {
+            let n = rng.range(1, 24) as usize;
+            let ms = random_set(&mut rng, n);
+            let total: u32 = ms.iter().map(|m| m.weight).sum();
+            let t = build(&ms).unwrap();
+            for (m, c) in ms.iter().zip(counts(&t, n)) {
+                let want = m.weight as f64 / total as f64;
+                let got = c as f64 / SIZE as f64;
+                assert!(
+                    (got - want).abs() <= 0.01,
+                    "n={n} {}: {got:.4} vs {want:.4}",
+                    m.key
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn changing_one_of_n_moves_at_most_about_one_nth() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20 {
+            let n = rng.range(2, 20) as usize;
+            let mut ms = random_set(&mut rng, n);
+            for m in &mut ms {
+                m.weight = 100;
+            }
+            let a = build(&ms).unwrap();
+            // Remove one: besides its own slots, others move at most about 1/N + 1%.
+            let gone = rng.range(0, n as u64 - 1) as u16;
+            let fewer: Vec<Member> = ms.iter().filter(|m| m.id != gone).cloned().collect();
+            let b = build(&fewer).unwrap();
+            let moved = a
+                .iter()
+                .zip(&b)
+                .filter(|(x, y)| **x != gone && x != y)
+                .count();
+            let bound = 1.0 / n as f64 + 0.01;
+            assert!(
+                (moved as f64 / SIZE as f64) <= bound,
+                "remove: n={n} moved {moved}"
+            );
+            // Add one: it takes about 1/(N+1), and only that much changes owner.
+            let mut more = ms.clone();
+            more.push(Member {
+                id: n as u16,
+                key: format!("new-{n}@10.9.9.9:80"),
+                weight: 100,
+            });
+            let c = build(&more).unwrap();
+            let changed = a.iter().zip(&c).filter(|(x, y)| x != y).count() as f64 / SIZE as f64;
+            assert!(
+                changed <= 1.0 / (n as f64 + 1.0) + 0.01,
+                "add: n={n} changed {changed}"
+            );
+        }
+    }
+}

@@ -122,3 +122,35 @@ mod tests {
         build(None, &[5_000, 4_999]);
     }
 }
+
+/// Randomized properties over canary sequences (fixed seed).
+#[cfg(test)]
+mod properties {
+    use super::*;
+
+    #[test]
+    fn any_growing_sequence_is_monotonic_and_exact() {
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..50 {
+            // Random increasing shares for the new group (index 1), the old one (0) shrinks.
+            let mut steps: Vec<u32> = (0..6).map(|_| (next() % 10_001) as u32).collect();
+            steps.sort();
+            let mut prev = build(None, &[10_000, 0]);
+            for s in steps {
+                let t = build(Some(&prev), &[10_000 - s, s]);
+                assert_eq!(t.iter().filter(|&&g| g == 1).count() as u32, s);
+                assert!(
+                    prev.iter().zip(&t).all(|(a, b)| !(*a == 1 && *b == 0)),
+                    "a bucket went back to the old group"
+                );
+                prev = t;
+            }
+        }
+    }
+}
