@@ -46,11 +46,21 @@ pub fn start(cfg: &Config) -> Result<Dataplane> {
         Ok(())
     })();
     if let Err(e) = result {
-        dp.detach_all();
-        if !dp.adopted() {
+        if dp.adopted() {
+            // The predecessor's pinned links and maps keep forwarding as they were: leave them
+            // alone rather than take the data path down with us.
+            log::error!(
+                "start failed; the pinned data path in {} keeps running",
+                dp.pin_dir().display()
+            );
+        } else {
+            dp.detach_all();
             let _ = dp.unpin_all();
         }
         return Err(e);
+    }
+    for iface in dp.detach_unconfigured(&a.interfaces) {
+        log::info!("detached from {iface}: no longer in agent.interfaces");
     }
     Ok(dp)
 }

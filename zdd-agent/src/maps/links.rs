@@ -138,6 +138,24 @@ impl Dataplane {
         self.links.unpin_all();
     }
 
+    /// Removes links pinned (by an earlier agent) for interfaces not in `keep`, which
+    /// detaches them. Returns their interface names.
+    pub fn detach_unconfigured(&mut self, keep: &[String]) -> Vec<String> {
+        let mut gone = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return gone;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name.strip_prefix("link_") {
+                if !keep.iter().any(|k| k == iface) && std::fs::remove_file(e.path()).is_ok() {
+                    gone.push(iface.to_string());
+                }
+            }
+        }
+        gone
+    }
+
     pub fn attached_interfaces(&self) -> Vec<String> {
         self.links.held.iter().map(|(i, _)| i.clone()).collect()
     }
