@@ -49,6 +49,8 @@ pub struct AgentSection {
     pub tcp_idle_timeout: Option<String>,
     #[serde(default)]
     pub udp_idle_timeout: Option<String>,
+    #[serde(default)]
+    pub nexthop_refresh: Option<String>,
 }
 
 fn default_mode() -> String {
@@ -140,6 +142,9 @@ pub struct AgentSettings {
     pub flow_table_size: u32,
     pub tcp_idle: Duration,
     pub udp_idle: Duration,
+    /// Longest time a cached next hop is used without a FIB lookup (route and neighbour
+    /// changes refresh it at once anyway).
+    pub nexthop_refresh: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,6 +269,7 @@ fn validate_agent(a: &AgentSection) -> Result<AgentSettings, Invalid> {
         flow_table_size,
         tcp_idle: dur("tcp_idle_timeout", &a.tcp_idle_timeout, 3600)?,
         udp_idle: dur("udp_idle_timeout", &a.udp_idle_timeout, 30)?,
+        nexthop_refresh: dur("nexthop_refresh", &a.nexthop_refresh, 1)?,
     })
 }
 

@@ -17,6 +17,7 @@ pub fn dp_config(a: &AgentSettings) -> zdd_common::Config {
     zdd_common::Config {
         tcp_idle_ns: a.tcp_idle.as_nanos() as u64,
         udp_idle_ns: a.udp_idle.as_nanos() as u64,
+        nexthop_ttl_ns: a.nexthop_refresh.as_nanos() as u64,
         ..Default::default()
     }
 }
@@ -98,8 +99,24 @@ pub async fn run(path: &Path) -> Result<()> {
         cfg.state.services.len(),
         cfg.agent.interfaces.join(",")
     );
+    let routes = crate::netlink::RouteWatch::new()
+        .context("subscribing to route and neighbour changes (rtnetlink)")?;
     loop {
         tokio::select! {
+            r = routes.changed() => {
+                if let Err(e) = r {
+                    log::warn!("rtnetlink: {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+                // Coalesce a burst of changes (a route flap brings many) into one refresh.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let _ = tokio::time::timeout(std::time::Duration::ZERO, routes.changed()).await;
+                match dp.invalidate_nexthops() {
+                    Ok(n) => log::debug!("routes or neighbours changed: {n} next hop(s) to re-resolve"),
+                    Err(e) => log::warn!("invalidating next hops: {e}"),
+                }
+            }
             _ = hup.recv() => {
                 match config::load(path).map_err(anyhow::Error::from).and_then(|new| {
                     reload(&mut dp, &cfg.agent, &new)?;

@@ -4,5 +4,6 @@
 pub mod config;
 pub mod daemon;
 pub mod maps;
+pub mod netlink;
 pub mod state;
 pub mod tables;

@@ -443,6 +443,23 @@ impl Dataplane {
         Ok(plans)
     }
 
+    /// Forgets every cached next hop: the data path re-resolves at the next packet.
+    pub fn invalidate_nexthops(&mut self) -> Result<usize, DataplaneError> {
+        let ids: Vec<u16> = self
+            .applied
+            .services
+            .values()
+            .flat_map(|s| s.backends.values().map(|b| b.id))
+            .collect();
+        let mut nh: Array<&mut MapData, NextHop> =
+            Array::try_from(self.ebpf.map_mut(n::NEXTHOP).unwrap()).map_err(map_err(n::NEXTHOP))?;
+        for id in &ids {
+            nh.set(*id as u32, NextHop::default(), 0)
+                .map_err(map_err(n::NEXTHOP))?;
+        }
+        Ok(ids.len())
+    }
+
     fn service_value(&self, s: &AppliedService) -> Service {
         let mut flags = 0;
         if s.spec.forwarding == Forwarding::Dsr {

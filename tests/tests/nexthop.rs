@@ -1,0 +1,61 @@
+//! The next-hop cache follows the kernel: with the cache's own timer set to an hour, a route
+//! change on the edge host still takes effect for established backends at once, because the
+//! agent watches rtnetlink and drops the cached next hops.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use zdd_tests::{Agent, Lab, Node, VIP_V4, connect_and_get, lab_spec, require_privileged};
+
+fn one_backend(lab: &Lab) -> String {
+    let b = lab.backend("blue-1");
+    format!(
+        "[[services]]\nname = \"web\"\nvip = \"{VIP_V4}:80\"\nsplit = {{ blue = 100 }}\n\n\
+         [[services.backends]]\nname = \"blue-1\"\naddr = \"{}\"\ngroup = \"blue\"\n",
+        b.http_v4()
+    )
+}
+
+/// Polls `ok` until it holds or 3 s pass.
+fn eventually(mut ok: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn route_changes_refresh_the_cached_next_hop_at_once() {
+    require_privileged!();
+    let lab = Lab::new(lab_spec!()).unwrap();
+    let agent = Agent::start_with(&lab, "nexthop_refresh = \"1h\"", &one_backend(&lab)).unwrap();
+    let vip: SocketAddr = format!("{VIP_V4}:80").parse().unwrap();
+    let get = || lab.in_ns(Node::Client, || connect_and_get(vip));
+    // Warm the cache (the first packet may go through the kernel while ARP resolves).
+    assert!(eventually(|| get().is_ok()), "{}", agent.log());
+    assert_eq!(get().unwrap().backend, "blue-1");
+
+    // The operator blackholes the backend: the FIB says "no", so must the data path.
+    let failures = agent.stat("fib_failure").unwrap();
+    lab.ip(Node::Edge, &["route", "add", "blackhole", "10.0.2.11/32"])
+        .unwrap();
+    assert!(
+        eventually(|| get().is_err() && agent.stat("fib_failure").unwrap() > failures),
+        "the cached next hop was still used after the route changed\n{}",
+        agent.log()
+    );
+
+    // And back: the route is removed, the backend is reachable again.
+    lab.ip(Node::Edge, &["route", "del", "blackhole", "10.0.2.11/32"])
+        .unwrap();
+    assert!(
+        eventually(|| get().is_ok()),
+        "not forwarded again after the route came back"
+    );
+}
