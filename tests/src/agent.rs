@@ -44,14 +44,22 @@ pub struct Agent<'a> {
     log: PathBuf,
     pin_dir: PathBuf,
     reloads: usize,
+    /// Extra `[agent]` settings (TOML lines) given to [`Agent::start_with`], kept on reloads.
+    agent_extra: String,
 }
 
 impl<'a> Agent<'a> {
     /// The `[agent]` section the lab uses, then `services` (TOML `[[services]]` tables).
     pub fn config_text(lab: &Lab, services: &str) -> String {
+        Self::config_text_with(lab, "", services)
+    }
+
+    /// As [`Agent::config_text`], with `agent_extra` (TOML lines such as
+    /// `flow_table_size = 1024`) added to the `[agent]` section.
+    pub fn config_text_with(lab: &Lab, agent_extra: &str, services: &str) -> String {
         format!(
             "[agent]\ninterfaces = [\"{EDGE_CLIENT_IFACE}\", \"{EDGE_BACKEND_IFACE}\"]\n\
-             pin_dir = \"{}\"\nsocket = \"{}\"\n\n{services}\n",
+             pin_dir = \"{}\"\nsocket = \"{}\"\n{agent_extra}\n\n{services}\n",
             Self::pin_dir_of(lab).display(),
             lab.log_dir().join("zdd.sock").display()
         )
@@ -63,8 +71,14 @@ impl<'a> Agent<'a> {
 
     /// Starts `zdd-agent run` in the edge namespace and waits until it says it is ready.
     pub fn start(lab: &'a Lab, services: &str) -> Result<Agent<'a>> {
+        Self::start_with(lab, "", services)
+    }
+
+    /// As [`Agent::start`], with extra `[agent]` settings (TOML lines, e.g.
+    /// `flow_table_size = 1024`); [`Agent::reload`] keeps them.
+    pub fn start_with(lab: &'a Lab, agent_extra: &str, services: &str) -> Result<Agent<'a>> {
         let config = lab.log_dir().join("zdd.toml");
-        std::fs::write(&config, Self::config_text(lab, services))?;
+        std::fs::write(&config, Self::config_text_with(lab, agent_extra, services))?;
         let log = lab.log_dir().join("zdd-agent.log");
         let out = std::fs::File::create(&log)?;
         let mut cmd = Command::new(workspace_bin("zdd-agent"));
@@ -83,6 +97,7 @@ impl<'a> Agent<'a> {
             log,
             pin_dir: Self::pin_dir_of(lab),
             reloads: 0,
+            agent_extra: agent_extra.to_string(),
         };
         agent.wait_for("zdd-agent ready", 1, Duration::from_secs(15))?;
         Ok(agent)
@@ -122,7 +137,10 @@ impl<'a> Agent<'a> {
     /// Rewrites the config with `services`, sends SIGHUP and waits for the agent to apply it.
     /// Errors if the agent refused it (with its reason).
     pub fn reload(&mut self, services: &str) -> Result<()> {
-        std::fs::write(&self.config, Self::config_text(self.lab, services))?;
+        std::fs::write(
+            &self.config,
+            Self::config_text_with(self.lab, &self.agent_extra, services),
+        )?;
         self.reload_file()
     }
 
