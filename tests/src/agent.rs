@@ -122,10 +122,10 @@ impl<'a> Agent<'a> {
             if log.matches(needle).count() >= count {
                 return Ok(());
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Some(status) = c.try_wait()? {
-                    bail!("zdd-agent exited ({status}) before {needle:?}:\n{log}");
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                bail!("zdd-agent exited ({status}) before {needle:?}:\n{log}");
             }
             if start.elapsed() > limit {
                 bail!("zdd-agent did not say {needle:?} within {limit:?}:\n{log}");

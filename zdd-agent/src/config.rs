@@ -396,6 +396,12 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
             if addr.port() == 0 {
                 return Err((format!("{bat}.addr"), "port 0 is not a backend port".into()));
             }
+            if let Some(o) = backends.iter().find(|o| o.addr == addr) {
+                return Err((
+                    format!("{bat}.addr"),
+                    format!("{addr} is backend {} already", o.name),
+                ));
+            }
             if forwarding == Forwarding::Dsr && addr.port() != vip.port() {
                 return Err((
                     format!("{bat}.addr"),
@@ -507,6 +513,23 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
             backends,
             pins,
         });
+    }
+    // nat replies are matched by the backend's address and port: each serves one VIP.
+    let mut seen: BTreeMap<(SocketAddr, Protocol), &str> = BTreeMap::new();
+    for s in out.iter().filter(|s| s.forwarding == Forwarding::Nat) {
+        for b in &s.backends {
+            if let Some(other) = seen.insert((b.addr, s.protocol), &s.name) {
+                if other != s.name {
+                    return Err((
+                        format!("services[{}].backends[{}].addr", s.name, b.name),
+                        format!(
+                            "{} is also a nat backend of service {other}; a nat backend address:port answers for one VIP (replies are matched by it): give it another port",
+                            b.addr
+                        ),
+                    ));
+                }
+            }
+        }
     }
     let total_backends: usize = out.iter().map(|s| s.backends.len()).sum();
     if total_backends > zdd_common::MAX_BACKENDS as usize {

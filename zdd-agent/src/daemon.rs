@@ -22,6 +22,35 @@ pub fn dp_config(a: &AgentSettings) -> zdd_common::Config {
     }
 }
 
+/// dsr forwards at layer 2 only, so the kernel never talks to a dsr backend by itself and
+/// its neighbour entry would stay unresolved (the data path drops such frames as
+/// `unresolved`). An empty datagram to the discard port makes the kernel resolve the next
+/// hop towards each dsr backend.
+pub fn resolve_dsr_neighbours(state: &crate::state::DesiredState) {
+    for s in state
+        .services
+        .iter()
+        .filter(|s| s.forwarding == crate::state::Forwarding::Dsr)
+    {
+        for b in &s.backends {
+            let bind = if b.addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let sent = std::net::UdpSocket::bind(bind)
+                .and_then(|sock| sock.send_to(&[], (b.addr.ip(), 9)));
+            if let Err(e) = sent {
+                log::warn!(
+                    "resolving the neighbour of dsr backend {} ({}): {e}",
+                    b.name,
+                    b.addr.ip()
+                );
+            }
+        }
+    }
+}
+
 /// Loads the program and applies `cfg`, then attaches. On any failure, everything done so
 /// far is undone: nothing half-applied stays behind.
 pub fn start(cfg: &Config) -> Result<Dataplane> {
@@ -40,6 +69,7 @@ pub fn start(cfg: &Config) -> Result<Dataplane> {
     let result = (|| -> Result<()> {
         let report = dp.apply(&cfg.state).context("applying the config")?;
         log::info!("applied config: {report}");
+        resolve_dsr_neighbours(&cfg.state);
         for iface in &a.interfaces {
             let mode = dp.attach(iface, a.xdp_mode)?;
             log::info!("attached to {iface} ({mode})");
@@ -84,6 +114,7 @@ pub fn reload(dp: &mut Dataplane, running: &AgentSettings, new: &Config) -> Resu
     }
     let report = dp.apply(&new.state).context("applying the config")?;
     dp.write_config(&dp_config(a))?;
+    resolve_dsr_neighbours(&new.state);
     log::info!("reloaded config: {report}");
     Ok(())
 }
@@ -101,8 +132,18 @@ pub async fn run(path: &Path) -> Result<()> {
     );
     let routes = crate::netlink::RouteWatch::new()
         .context("subscribing to route and neighbour changes (rtnetlink)")?;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut unresolved = 0;
     loop {
         tokio::select! {
+            _ = tick.tick() => {
+                // The data path met a dsr backend whose neighbour is not resolved: resolve.
+                let now = dp.stats().map(|s| s.get(zdd_common::Stat::Unresolved)).unwrap_or(0);
+                if now > unresolved {
+                    resolve_dsr_neighbours(&cfg.state);
+                }
+                unresolved = now;
+            }
             r = routes.changed() => {
                 if let Err(e) = r {
                     log::warn!("rtnetlink: {e}");

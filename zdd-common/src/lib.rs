@@ -21,8 +21,9 @@ pub mod map_names {
     pub const SELECT: &str = "ZDD_SELECT";
     pub const MAGLEV: &str = "ZDD_MAGLEV";
     pub const PINS: &str = "ZDD_PINS";
+    pub const SERVICE_STATE: &str = "ZDD_SERVICE_STATE";
     pub const FLOWS: &str = "ZDD_FLOWS";
-    pub const REVERSE: &str = "ZDD_REVERSE";
+    pub const REPLIES: &str = "ZDD_REPLIES";
     pub const NEXTHOP: &str = "ZDD_NEXTHOP";
     pub const PORTS: &str = "ZDD_PORTS";
     pub const CONFIG: &str = "ZDD_CONFIG";
@@ -94,7 +95,8 @@ pub struct Service {
     pub flags: u32,
     /// Active selection slot, 0 or 1.
     pub slot: u32,
-    pub _pad: u32,
+    /// Same as `ServiceState::generation` of this id (copied into new flow entries).
+    pub generation: u32,
 }
 
 /// `Backend::flags`
@@ -178,34 +180,52 @@ pub struct FlowKey {
 /// `FlowEntry::flags`
 pub mod flow_flags {
     /// FIN seen from the client.
-    pub const FIN_FWD: u32 = 1 << 0;
+    pub const FIN_FWD: u8 = 1 << 0;
     /// FIN seen from the backend.
-    pub const FIN_REV: u32 = 1 << 1;
+    pub const FIN_REV: u8 = 1 << 1;
     /// RST seen, or FIN in both directions: the entry lives only `closing_timeout` more.
-    pub const CLOSING: u32 = 1 << 2;
+    pub const CLOSING: u8 = 1 << 2;
 }
 
-/// Value of `FLOWS`.
+/// Value of `FLOWS`: everything an established packet needs besides the backend itself.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowEntry {
     pub backend: u16,
-    pub generation: u16,
-    pub flags: u32,
-    /// `bpf_ktime_get_coarse_ns` of the last packet.
+    /// `Backend::generation` when the flow was pinned: a reused id does not inherit flows.
+    pub backend_gen: u16,
+    pub service: u16,
+    /// `ServiceState::generation` (low 8 bits) when the flow was pinned.
+    pub service_gen: u8,
+    /// `flow_flags`.
+    pub flags: u8,
+    /// `bpf_ktime_get_coarse_ns` of the last packet (written at most once a second).
     pub last_seen: u64,
 }
 
-/// Value of `REVERSE` (nat only): what the backend's answer is translated back to.
+/// Value of `SERVICE_STATE`, indexed by service id: what an established flow checks, with
+/// one array read, instead of looking its VIP up again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ReverseEntry {
+pub struct ServiceState {
+    /// 0 = no service with this id; bumped each time the id is given to a new service.
+    pub generation: u32,
+    /// `service_flags` (forwarding mode).
+    pub flags: u32,
+}
+
+/// Value of `REPLIES`, keyed by a nat backend's address, port and protocol (a `VipKey` of
+/// the backend): the VIP its answers are translated back to. A nat backend address:port
+/// serves one VIP, so replies need no per-flow reverse entry: the forward flow entry
+/// (looked up from the reply) proves the reply belongs to a flow zdd steered there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReplyTarget {
     pub vip: Addr,
     /// Network order.
     pub vport: u16,
-    pub _pad: u16,
+    pub backend: u16,
     pub service: u32,
-    pub last_seen: u64,
 }
 
 /// Value of `NEXTHOP`, indexed by backend id: a cached FIB result, refreshed by the data
@@ -304,9 +324,11 @@ pub enum Stat {
     Drop = 12,
     /// ICMP errors about a VIP flow, translated and sent on.
     IcmpTranslated = 13,
+    /// dsr: the backend's neighbour is not resolved yet (dropped; the agent resolves it).
+    Unresolved = 14,
 }
 
-pub const STAT_COUNT: u32 = 14;
+pub const STAT_COUNT: u32 = 15;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -324,6 +346,7 @@ impl Stat {
         Stat::Reselected,
         Stat::Drop,
         Stat::IcmpTranslated,
+        Stat::Unresolved,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -342,6 +365,7 @@ impl Stat {
             Stat::Reselected => "reselected",
             Stat::Drop => "drop",
             Stat::IcmpTranslated => "icmp_translated",
+            Stat::Unresolved => "unresolved",
         }
     }
 }
@@ -358,7 +382,8 @@ mod pod {
     unsafe impl aya::Pod for PinKey {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowEntry {}
-    unsafe impl aya::Pod for ReverseEntry {}
+    unsafe impl aya::Pod for ServiceState {}
+    unsafe impl aya::Pod for ReplyTarget {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for PortFlags {}
     unsafe impl aya::Pod for Config {}
@@ -379,7 +404,8 @@ mod tests {
         assert_eq!(size_of::<PinKey>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowEntry>(), 16);
-        assert_eq!(size_of::<ReverseEntry>(), 32);
+        assert_eq!(size_of::<ServiceState>(), 8);
+        assert_eq!(size_of::<ReplyTarget>(), 24);
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<Counters>(), 24);

@@ -2,13 +2,18 @@
 //! stays there until it closes (FIN both ways or RST, then a short grace) or idles out.
 
 use zdd_common::{
-    Config, FlowEntry, FlowKey, PROTO_TCP, ReverseEntry, backend_flags, flow_flags,
+    Backend, Config, FlowEntry, FlowKey, PROTO_TCP, ReplyTarget, Service, VipKey,
+    backend_flags, flow_flags,
 };
 
 use crate::{
-    maps::{ZDD_BACKENDS, ZDD_FLOWS, ZDD_REVERSE},
+    maps::{ZDD_BACKENDS, ZDD_FLOWS, ZDD_REPLIES, ZDD_SERVICE_STATE},
     parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN},
 };
+
+/// `last_seen` is refreshed at most this often (about 1 s), to keep established packets
+/// from dirtying the entry's cache line on every packet.
+const TOUCH_NS: u64 = 1 << 30;
 
 #[inline(always)]
 pub fn key(pkt: &Packet) -> FlowKey {
@@ -23,18 +28,25 @@ pub fn key(pkt: &Packet) -> FlowKey {
     }
 }
 
-/// What the flow table says about a packet to a VIP.
+/// An established flow on a live backend of a live service.
+pub struct Hit {
+    pub backend: u16,
+    pub be: &'static Backend,
+    pub service: u32,
+    pub service_flags: u32,
+}
+
+/// What the flow table says about a packet to a VIP port.
 pub enum Lookup {
-    /// Established on a live backend.
-    Hit(u16),
+    Hit(Hit),
     /// Established, but its backend is gone: select again.
     Orphan,
-    /// No entry, or an expired or closed one.
+    /// No entry, or an expired, closed one, or one of a service that is gone.
     Miss,
 }
 
 #[inline(always)]
-fn timeout(cfg: &Config, proto: u8, flags: u32) -> u64 {
+fn timeout(cfg: &Config, proto: u8, flags: u8) -> u64 {
     if flags & flow_flags::CLOSING != 0 {
         cfg.closing_ns
     } else if proto == PROTO_TCP {
@@ -46,7 +58,7 @@ fn timeout(cfg: &Config, proto: u8, flags: u32) -> u64 {
 
 /// Close-state bits after a packet with `tcp_flags` from one side (`fin_bit`).
 #[inline(always)]
-fn closing(flags: u32, tcp_flags: u8, fin_bit: u32) -> u32 {
+fn closing(flags: u8, tcp_flags: u8, fin_bit: u8) -> u8 {
     let mut f = flags;
     if tcp_flags & TCP_FIN != 0 {
         f |= fin_bit;
@@ -69,31 +81,46 @@ pub fn lookup(key: &FlowKey, pkt: &Packet, cfg: &Config, now: u64) -> Lookup {
     // SAFETY: the entry stays valid for this program run (RCU); a concurrent update of the
     // same flow on another CPU can at worst lose a timestamp or a flag bit.
     let e = unsafe { &mut *e };
-    let expired = now.saturating_sub(e.last_seen) > timeout(cfg, pkt.proto, e.flags);
-    let reopened = pkt.tcp_flags & TCP_SYN != 0 && e.flags & flow_flags::CLOSING != 0;
-    if expired || reopened {
+    let age = now.saturating_sub(e.last_seen);
+    if age > timeout(cfg, pkt.proto, e.flags)
+        || (pkt.tcp_flags & TCP_SYN != 0 && e.flags & flow_flags::CLOSING != 0)
+    {
         return Lookup::Miss;
     }
-    let live = match ZDD_BACKENDS.get(e.backend as u32) {
-        Some(b) => b.flags & backend_flags::LIVE != 0 && b.generation == e.generation,
-        None => false,
+    let Some(state) = ZDD_SERVICE_STATE.get(e.service as u32) else {
+        return Lookup::Miss;
     };
-    if !live {
+    if state.generation == 0 || state.generation as u8 != e.service_gen {
+        return Lookup::Miss;
+    }
+    let Some(be) = ZDD_BACKENDS.get(e.backend as u32) else {
+        return Lookup::Orphan;
+    };
+    if be.flags & backend_flags::LIVE == 0 || be.generation != e.backend_gen {
         return Lookup::Orphan;
     }
-    e.last_seen = now;
+    if age > TOUCH_NS {
+        e.last_seen = now;
+    }
     if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         e.flags = closing(e.flags, pkt.tcp_flags, flow_flags::FIN_FWD);
     }
-    Lookup::Hit(e.backend)
+    Lookup::Hit(Hit {
+        backend: e.backend,
+        be,
+        service: e.service as u32,
+        service_flags: state.flags,
+    })
 }
 
 /// Records a new flow. False when the table refused it.
 #[inline(always)]
-pub fn insert(key: &FlowKey, backend: u16, generation: u16, pkt: &Packet, now: u64) -> bool {
+pub fn insert(key: &FlowKey, backend: u16, be: &Backend, svc: &Service, pkt: &Packet, now: u64) -> bool {
     let entry = FlowEntry {
         backend,
-        generation,
+        backend_gen: be.generation,
+        service: svc.id as u16,
+        service_gen: svc.generation as u8,
         flags: if pkt.proto == PROTO_TCP {
             closing(0, pkt.tcp_flags, flow_flags::FIN_FWD)
         } else {
@@ -104,46 +131,36 @@ pub fn insert(key: &FlowKey, backend: u16, generation: u16, pkt: &Packet, now: u
     ZDD_FLOWS.insert(key, &entry, 0).is_ok()
 }
 
-/// nat: the key under which the backend's answers are found.
+/// A packet from a nat backend: the VIP to translate it back to, if it answers a flow zdd
+/// pinned to that backend. `client`/`cport` are the reply's destination.
 #[inline(always)]
-pub fn reverse_key(pkt: &Packet, backend_addr: &zdd_common::Addr, backend_port: u16) -> FlowKey {
-    FlowKey {
-        src: *backend_addr,
-        dst: pkt.src,
-        sport: backend_port,
-        dport: pkt.sport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-    }
-}
-
-#[inline(always)]
-pub fn insert_reverse(rkey: &FlowKey, pkt: &Packet, service: u32, now: u64) -> bool {
-    let entry = ReverseEntry {
-        vip: pkt.dst,
-        vport: pkt.dport,
-        _pad: 0,
-        service,
-        last_seen: now,
-    };
-    ZDD_REVERSE.insert(rkey, &entry, 0).is_ok()
-}
-
-/// A FIN or RST from the backend: mark the forward entry, found from the reply's tuple.
-#[inline(always)]
-pub fn note_reply_close(pkt: &Packet, rev: &ReverseEntry) {
+pub fn reply_of(
+    backend: &VipKey,
+    client: &zdd_common::Addr,
+    cport: u16,
+) -> Option<(ReplyTarget, *mut FlowEntry)> {
+    // SAFETY: copied out at once.
+    let t = unsafe { ZDD_REPLIES.get(backend).copied() }?;
     let fwd = FlowKey {
-        src: pkt.dst,
-        dst: rev.vip,
-        sport: pkt.dport,
-        dport: rev.vport,
-        proto: pkt.proto,
-        family: pkt.family,
+        src: *client,
+        dst: t.vip,
+        sport: cport,
+        dport: t.vport,
+        proto: backend.proto,
+        family: backend.family,
         _pad: [0; 2],
     };
-    if let Some(e) = ZDD_FLOWS.get_ptr_mut(&fwd) {
-        // SAFETY: as in `lookup`.
-        unsafe { (*e).flags = closing((*e).flags, pkt.tcp_flags, flow_flags::FIN_REV) };
+    let e = ZDD_FLOWS.get_ptr_mut(&fwd)?;
+    // SAFETY: as in `lookup`.
+    if unsafe { (*e).backend } != t.backend {
+        return None;
     }
+    Some((t, e))
+}
+
+/// A FIN or RST from the backend.
+#[inline(always)]
+pub fn note_reply_close(e: *mut FlowEntry, tcp_flags: u8) {
+    // SAFETY: as in `lookup`.
+    unsafe { (*e).flags = closing((*e).flags, tcp_flags, flow_flags::FIN_REV) };
 }

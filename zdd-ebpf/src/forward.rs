@@ -17,6 +17,9 @@ use crate::{maps::ZDD_NEXTHOP, parse::{Packet, ptr_at}};
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
+#[repr(C, align(8))]
+struct AlignedParams(FibParams);
+
 pub enum Hop {
     Via(NextHop),
     /// Route found, neighbour not resolved yet: the kernel will resolve it.
@@ -28,8 +31,16 @@ pub enum Hop {
 /// FIB lookup for `dst`, from the ingress interface.
 #[inline(always)]
 pub fn fib(ctx: &XdpContext, pkt: &Packet, src: &Addr, dst: &Addr) -> Hop {
-    // SAFETY: plain C struct, all-zero is a valid value.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    // Zeroed in place, 8 bytes at a time: `mem::zeroed` (or a copy of a zeroed value)
+    // becomes a byte-at-a-time memset call in BPF.
+    let mut raw = core::mem::MaybeUninit::<AlignedParams>::uninit();
+    let words = raw.as_mut_ptr() as *mut u64;
+    for i in 0..core::mem::size_of::<AlignedParams>() / 8 {
+        // SAFETY: within the struct; volatile keeps LLVM from folding it into a memset.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    // SAFETY: every byte is initialised above; all-zero is a valid value of this C struct.
+    let p = unsafe { &mut (*raw.as_mut_ptr()).0 };
     p.l4_protocol = pkt.proto;
     p.__bindgen_anon_1.tot_len = pkt.ip_len;
     p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
@@ -39,14 +50,19 @@ pub fn fib(ctx: &XdpContext, pkt: &Packet, src: &Addr, dst: &Addr) -> Hop {
         p.__bindgen_anon_4.ipv4_dst = dst[0];
     } else {
         p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = *src;
-        p.__bindgen_anon_4.ipv6_dst = *dst;
+        // Word by word, for the same reason as above (no memcpy call).
+        for i in 0..4 {
+            unsafe {
+                p.__bindgen_anon_3.ipv6_src[i] = src[i];
+                p.__bindgen_anon_4.ipv6_dst[i] = dst[i];
+            }
+        }
     }
     // SAFETY: helper call with a pointer to our stack struct and its exact size.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut p,
+            p as *mut FibParams,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )

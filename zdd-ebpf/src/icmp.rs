@@ -19,7 +19,8 @@ use zdd_common::{
 use crate::{
     csum,
     forward::{self, Hop},
-    maps::{ZDD_BACKENDS, ZDD_FLOWS, ZDD_REVERSE, ZDD_SERVICES},
+    flow,
+    maps::{ZDD_BACKENDS, ZDD_FLOWS, ZDD_SERVICES},
     nat,
     parse::{Packet, load16, load32, ptr_at},
     stats::count,
@@ -179,18 +180,15 @@ pub fn handle(ctx: &XdpContext, icmp: &Packet, cfg: &Config, now: u64) -> u32 {
             return to_backend(ctx, icmp, &q, svc.flags, cfg, now);
         }
     }
-    let rkey = FlowKey {
-        src: q.dst,
-        dst: q.src,
-        sport: q.dport,
-        dport: q.sport,
+    // About a packet a client sent, translated by us towards a nat backend.
+    let backend = VipKey {
+        addr: q.dst,
+        port: q.dport,
         proto: q.proto,
         family: icmp.family,
-        _pad: [0; 2],
     };
-    // SAFETY: copied out at once.
-    if let Some(rev) = unsafe { ZDD_REVERSE.get(&rkey).copied() } {
-        match rewrite_quoted(ctx, icmp, &q, false, &rev.vip, rev.vport)
+    if let Some((t, _)) = flow::reply_of(&backend, &q.src, q.sport) {
+        match rewrite_quoted(ctx, icmp, &q, false, &t.vip, t.vport)
             .and_then(|d| patch_icmp_csum(ctx, icmp, d))
         {
             Some(()) => {
@@ -228,7 +226,7 @@ fn to_backend(
     let Some(be) = ZDD_BACKENDS.get(flow.backend as u32) else {
         return crate::pass();
     };
-    if be.flags & backend_flags::LIVE == 0 || be.generation != flow.generation {
+    if be.flags & backend_flags::LIVE == 0 || be.generation != flow.backend_gen {
         return crate::pass();
     }
     if nat::ttl(ctx, icmp).unwrap_or(0) <= 1 {

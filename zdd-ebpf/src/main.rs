@@ -27,13 +27,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use zdd_common::{
-    Addr, Config, ReverseEntry, Service, Stat, VipKey, port_flags, service_flags,
+    Addr, Backend, Config, FlowEntry, ReplyTarget, Service, Stat, VipKey, port_flags,
+    service_flags,
 };
 
 use crate::{
     flow::Lookup,
     forward::Hop,
-    maps::{ZDD_CONFIG, ZDD_PORTS, ZDD_REVERSE, ZDD_SERVICES},
+    maps::{ZDD_CONFIG, ZDD_PORTS, ZDD_SERVICES},
     nat::End,
     parse::{Packet, Parsed, TCP_FIN, TCP_RST},
     stats::count,
@@ -51,15 +52,20 @@ pub fn zdd_xdp(ctx: XdpContext) -> u32 {
             return XDP_PASS;
         }
     };
-    let dst_ports = port_bits(pkt.dport);
-    if dst_ports & port_flags::VIP != 0 {
-        if let Some(svc) = service(&pkt) {
-            return to_backend(&ctx, &pkt, &svc);
+    if port_bits(pkt.dport) & port_flags::VIP != 0 {
+        if let Some(verdict) = to_backend(&ctx, &pkt) {
+            return verdict;
         }
     }
     if port_bits(pkt.sport) & port_flags::BACKEND != 0 {
-        if let Some(rev) = reverse(&pkt) {
-            return to_client(&ctx, &pkt, &rev);
+        let backend = VipKey {
+            addr: pkt.src,
+            port: pkt.sport,
+            proto: pkt.proto,
+            family: pkt.family,
+        };
+        if let Some((target, entry)) = flow::reply_of(&backend, &pkt.dst, pkt.dport) {
+            return to_client(&ctx, &pkt, &target, entry);
         }
     }
     pass()
@@ -98,12 +104,6 @@ fn service(pkt: &Packet) -> Option<Service> {
     unsafe { ZDD_SERVICES.get(&key).copied() }
 }
 
-#[inline(always)]
-fn reverse(pkt: &Packet) -> Option<ReverseEntry> {
-    // SAFETY: copied out at once.
-    unsafe { ZDD_REVERSE.get(&flow::key(pkt)).copied() }
-}
-
 /// Fragments to a VIP address are dropped (documented policy: they cannot be matched to a
 /// flow without reassembly); others pass. A VIP address is marked by port 0, protocol 0.
 #[inline(always)]
@@ -132,39 +132,52 @@ fn config() -> Config {
     ZDD_CONFIG.get(0).copied().unwrap_or_default()
 }
 
-/// Forward direction: flow table, else select; rewrite; send to the backend.
+/// Forward direction. An established flow needs one hash lookup (the flow table); only a
+/// new flow looks its VIP up. None: not a VIP after all, the caller goes on.
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
+fn to_backend(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let cfg = config();
     let now = now();
     let key = flow::key(pkt);
+    let found = flow::lookup(&key, pkt, &cfg, now);
+    if let Lookup::Hit(hit) = found {
+        stats::count_flow(hit.service, hit.backend, frame_len(ctx), false);
+        let nat = hit.service_flags & service_flags::DSR == 0;
+        return Some(deliver(ctx, pkt, hit.backend, hit.be, nat, &cfg, now));
+    }
+    let svc = service(pkt)?;
+    let Some((id, be)) = select::select(&svc, pkt) else {
+        return Some(drop(Stat::NoBackend));
+    };
+    count(if matches!(found, Lookup::Orphan) {
+        Stat::Reselected
+    } else {
+        Stat::NewFlow
+    });
+    if !flow::insert(&key, id, be, &svc, pkt, now) {
+        count(Stat::FlowTableFull);
+    }
+    stats::count_flow(svc.id, id, frame_len(ctx), true);
     let nat = svc.flags & service_flags::DSR == 0;
+    Some(deliver(ctx, pkt, id, be, nat, &cfg, now))
+}
 
-    let (id, new_flow) = match flow::lookup(&key, pkt, &cfg, now) {
-        Lookup::Hit(id) => (id, false),
-        found => {
-            let Some((id, be)) = select::select(svc, pkt) else {
-                return drop(Stat::NoBackend);
-            };
-            if matches!(found, Lookup::Orphan) {
-                count(Stat::Reselected);
-            } else {
-                count(Stat::NewFlow);
-            }
-            if !flow::insert(&key, id, be.generation, pkt, now) {
-                count(Stat::FlowTableFull);
-            }
-            if nat && !flow::insert_reverse(&flow::reverse_key(pkt, &be.addr, be.port), pkt, svc.id, now) {
-                count(Stat::FlowTableFull);
-            }
-            (id, true)
-        }
-    };
-    let Some(be) = maps::ZDD_BACKENDS.get(id as u32) else {
-        return drop(Stat::NoBackend);
-    };
-    stats::count_flow(svc.id, id, (ctx.data_end() - ctx.data()) as u64, new_flow);
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> u64 {
+    (ctx.data_end() - ctx.data()) as u64
+}
 
+/// Rewrite (nat) and send to backend `id`.
+#[inline(always)]
+fn deliver(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    id: u16,
+    be: &Backend,
+    nat: bool,
+    cfg: &Config,
+    now: u64,
+) -> u32 {
     if nat {
         if nat::ttl(ctx, pkt).unwrap_or(0) <= 1 {
             count(Stat::TtlExpired);
@@ -174,7 +187,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
             return drop(Stat::Malformed);
         }
     }
-    match forward::to_backend(ctx, pkt, id, be, &cfg, now) {
+    match forward::to_backend(ctx, pkt, id, be, cfg, now) {
         Hop::Via(nh) => {
             if nat {
                 nat::decrement_ttl(ctx, pkt);
@@ -187,25 +200,27 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet, svc: &Service) -> u32 {
             count(Stat::PassToKernel);
             XDP_PASS
         }
-        _ => drop(Stat::FibFailure),
+        // dsr: the kernel would route the VIP elsewhere; the agent resolves dsr backends.
+        Hop::Unresolved => drop(Stat::Unresolved),
+        Hop::Failed => drop(Stat::FibFailure),
     }
 }
 
 /// Reply of a nat flow: the backend's address becomes the VIP again.
 #[inline(always)]
-fn to_client(ctx: &XdpContext, pkt: &Packet, rev: &ReverseEntry) -> u32 {
+fn to_client(ctx: &XdpContext, pkt: &Packet, t: &ReplyTarget, entry: *mut FlowEntry) -> u32 {
     if nat::ttl(ctx, pkt).unwrap_or(0) <= 1 {
         count(Stat::TtlExpired);
         return XDP_PASS;
     }
     if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        flow::note_reply_close(pkt, rev);
+        flow::note_reply_close(entry, pkt.tcp_flags);
     }
-    if nat::rewrite(ctx, pkt, End::Src, &rev.vip, rev.vport).is_none() {
+    if nat::rewrite(ctx, pkt, End::Src, &t.vip, t.vport).is_none() {
         return drop(Stat::Malformed);
     }
     count(Stat::Reverse);
-    match forward::fib(ctx, pkt, &rev.vip, &pkt.dst) {
+    match forward::fib(ctx, pkt, &t.vip, &pkt.dst) {
         Hop::Via(nh) => {
             nat::decrement_ttl(ctx, pkt);
             forward::send(ctx, &nh)

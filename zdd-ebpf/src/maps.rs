@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use zdd_common::{
     Backend, Config, Counters, DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, MAX_BACKENDS,
-    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PinKey, PortFlags, ReverseEntry,
-    SLOTS, STAT_COUNT, Selection, Service, VipKey,
+    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PinKey, PortFlags, ReplyTarget,
+    SLOTS, STAT_COUNT, Selection, Service, ServiceState, VipKey,
 };
 
 /// VIP (and, with port 0 and protocol 0, a VIP address) → service.
@@ -28,14 +28,20 @@ pub static ZDD_MAGLEV: Array<MaglevTable> = Array::pinned(MAX_MAGLEV_TABLES, 0);
 #[map]
 pub static ZDD_PINS: LpmTrie<PinKey, u32> = LpmTrie::pinned(4096, 0);
 
+/// Service id → generation and forwarding mode, for established flows.
+#[map]
+pub static ZDD_SERVICE_STATE: Array<ServiceState> = Array::pinned(MAX_SERVICES, 0);
+
+/// BPF_F_NO_COMMON_LRU: per-CPU LRU lists, so inserting a new flow takes no global lock.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
 #[map]
 pub static ZDD_FLOWS: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, 0);
+    LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
-/// nat replies: backend-side 5-tuple → VIP to translate back to.
+/// nat backend (address, port, protocol) → the VIP its replies are translated back to.
 #[map]
-pub static ZDD_REVERSE: LruHashMap<FlowKey, ReverseEntry> =
-    LruHashMap::pinned(DEFAULT_FLOW_TABLE_SIZE, 0);
+pub static ZDD_REPLIES: HashMap<VipKey, ReplyTarget> = HashMap::pinned(MAX_BACKENDS, 0);
 
 #[map]
 pub static ZDD_NEXTHOP: Array<NextHop> = Array::pinned(MAX_BACKENDS, 0);

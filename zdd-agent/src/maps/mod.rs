@@ -126,7 +126,6 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .map_max_entries(map_names::FLOWS, opts.flow_table_size)
-            .map_max_entries(map_names::REVERSE, opts.flow_table_size)
             .load(OBJECT)
             .map_err(DataplaneError::Load)?;
         let prog: &mut Xdp = ebpf

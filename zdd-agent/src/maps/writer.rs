@@ -19,8 +19,8 @@ use aya::{
 };
 use zdd_common::{
     Backend, Counters, MAX_BACKENDS, MAX_GROUPS, MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable,
-    NO_TABLE, NextHop, PIN_KEY_FIXED_BITS, PinKey, PortFlags, SLOTS, Selection, Service, VipKey,
-    backend_flags, map_names as n, port_flags, service_flags,
+    NO_TABLE, NextHop, PIN_KEY_FIXED_BITS, PinKey, PortFlags, ReplyTarget, SLOTS, Selection,
+    Service, ServiceState, VipKey, backend_flags, map_names as n, port_flags, service_flags,
 };
 
 use super::{Dataplane, DataplaneError, map_err};
@@ -40,6 +40,7 @@ struct BackendSlot {
 struct AppliedService {
     spec: ServiceSpec,
     id: u32,
+    generation: u32,
     key: VipKey,
     slot: u32,
     groups: BTreeMap<String, u8>,
@@ -55,6 +56,8 @@ struct AppliedService {
 pub struct Applied {
     services: BTreeMap<String, AppliedService>,
     generations: BTreeMap<u16, u16>,
+    service_generations: BTreeMap<u32, u32>,
+    replies: BTreeMap<VipKey, ReplyTarget>,
     ports: BTreeMap<u16, u8>,
     markers: BTreeSet<VipKey>,
     stale_services: Vec<(VipKey, Service)>,
@@ -116,6 +119,20 @@ impl Applied {
             if b.flags & backend_flags::LIVE != 0 {
                 a.stale_backends.insert(id as u16, b);
             }
+        }
+        let states: Array<_, ServiceState> = Array::try_from(ebpf.map(n::SERVICE_STATE).unwrap())
+            .map_err(map_err(n::SERVICE_STATE))?;
+        for (id, st) in states.iter().enumerate() {
+            let st = st.map_err(map_err(n::SERVICE_STATE))?;
+            if st.generation != 0 {
+                a.service_generations.insert(id as u32, st.generation);
+            }
+        }
+        let replies: HashMap<_, VipKey, ReplyTarget> =
+            HashMap::try_from(ebpf.map(n::REPLIES).unwrap()).map_err(map_err(n::REPLIES))?;
+        for kv in replies.iter() {
+            let (k, v) = kv.map_err(map_err(n::REPLIES))?;
+            a.replies.insert(k, v);
         }
         let pins: LpmTrie<_, PinKey, u32> =
             LpmTrie::try_from(ebpf.map(n::PINS).unwrap()).map_err(map_err(n::PINS))?;
@@ -222,8 +239,11 @@ impl Dataplane {
         self.write_idle(&plans)?;
         let ports = desired_ports(state);
         self.write_ports(&ports, true)?;
+        let replies = self.desired_replies(state, &plans);
+        self.write_replies(&replies)?;
         self.flip(&plans)?;
         self.clean_up(state, plans, ports, &mut report)?;
+        self.remove_stale_replies(replies)?;
         Ok(report)
     }
 
@@ -269,14 +289,21 @@ impl Dataplane {
                 .iter()
                 .find(|(k, _)| *k == key)
                 .map(|(_, s)| *s);
-            let (id, slot, old_value) = match (old, stale) {
-                (Some(o), _) => (o.id, 1 - o.slot, Some(self.service_value(o))),
-                (None, Some(s)) => (s.id, 1 - s.slot, Some(s)),
+            let (id, generation, slot, old_value) = match (old, stale) {
+                (Some(o), _) => (o.id, o.generation, 1 - o.slot, Some(self.service_value(o))),
+                (None, Some(s)) => (s.id, s.generation, 1 - s.slot, Some(s)),
                 (None, None) => {
                     let id = lowest_free(&used_services, MAX_SERVICES)
                         .ok_or_else(|| cap(format!("more than {MAX_SERVICES} services")))?;
                     used_services.insert(id);
-                    (id, 0, None)
+                    // A new generation, so flows of an earlier service with this id end.
+                    let last = a.service_generations.get(&id).copied().unwrap_or(0);
+                    let generation = match last.wrapping_add(1) & 0xff {
+                        0 => last.wrapping_add(2),
+                        _ => last.wrapping_add(1),
+                    }
+                    .max(1);
+                    (id, generation, 0, None)
                 }
             };
 
@@ -423,6 +450,7 @@ impl Dataplane {
             let svc = AppliedService {
                 spec: spec.clone(),
                 id,
+                generation,
                 key,
                 slot,
                 groups,
@@ -475,7 +503,7 @@ impl Dataplane {
             id: s.id,
             flags,
             slot: s.slot,
-            _pad: 0,
+            generation: s.generation,
         }
     }
 
@@ -592,7 +620,95 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Reply targets of every nat backend in `state`: ids from the plans (changed services)
+    /// or from what is applied (unchanged ones).
+    fn desired_replies(
+        &self,
+        state: &DesiredState,
+        plans: &[Plan],
+    ) -> BTreeMap<VipKey, ReplyTarget> {
+        let mut out = BTreeMap::new();
+        for spec in state
+            .services
+            .iter()
+            .filter(|s| s.forwarding == Forwarding::Nat)
+        {
+            let svc = plans
+                .iter()
+                .map(|p| &p.svc)
+                .find(|s| s.spec.name == spec.name)
+                .or_else(|| self.applied.services.get(&spec.name));
+            let Some(svc) = svc else { continue };
+            for b in svc.backends.values() {
+                let key = VipKey {
+                    addr: wire_addr(b.spec.addr.ip()),
+                    port: b.spec.addr.port().to_be(),
+                    proto: spec.protocol.number(),
+                    family: family(b.spec.addr.ip()),
+                };
+                out.insert(
+                    key,
+                    ReplyTarget {
+                        vip: svc.key.addr,
+                        vport: svc.key.port,
+                        backend: b.id,
+                        service: svc.id,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    fn write_replies(
+        &mut self,
+        want: &BTreeMap<VipKey, ReplyTarget>,
+    ) -> Result<(), DataplaneError> {
+        let mut m: HashMap<&mut MapData, VipKey, ReplyTarget> =
+            HashMap::try_from(self.ebpf.map_mut(n::REPLIES).unwrap())
+                .map_err(map_err(n::REPLIES))?;
+        for (k, v) in want {
+            if self.applied.replies.get(k) != Some(v) {
+                m.insert(k, v, 0).map_err(map_err(n::REPLIES))?;
+                self.applied.replies.insert(*k, *v);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_stale_replies(
+        &mut self,
+        want: BTreeMap<VipKey, ReplyTarget>,
+    ) -> Result<(), DataplaneError> {
+        let mut m: HashMap<&mut MapData, VipKey, ReplyTarget> =
+            HashMap::try_from(self.ebpf.map_mut(n::REPLIES).unwrap())
+                .map_err(map_err(n::REPLIES))?;
+        for k in self.applied.replies.keys() {
+            if !want.contains_key(k) {
+                let _ = m.remove(k);
+            }
+        }
+        self.applied.replies = want;
+        Ok(())
+    }
+
     fn flip(&mut self, plans: &[Plan]) -> Result<(), DataplaneError> {
+        {
+            // Established flows check their service here; new ones read the SERVICES value.
+            let mut st: Array<&mut MapData, ServiceState> =
+                Array::try_from(self.ebpf.map_mut(n::SERVICE_STATE).unwrap())
+                    .map_err(map_err(n::SERVICE_STATE))?;
+            for p in plans {
+                let v = ServiceState {
+                    generation: p.svc.generation,
+                    flags: p.flags,
+                };
+                st.set(p.svc.id, v, 0).map_err(map_err(n::SERVICE_STATE))?;
+                self.applied
+                    .service_generations
+                    .insert(p.svc.id, p.svc.generation);
+            }
+        }
         let mut m: HashMap<&mut MapData, VipKey, Service> =
             HashMap::try_from(self.ebpf.map_mut(n::SERVICES).unwrap())
                 .map_err(map_err(n::SERVICES))?;
@@ -613,7 +729,7 @@ impl Dataplane {
                 id: p.svc.id,
                 flags: p.flags,
                 slot: p.svc.slot,
-                _pad: 0,
+                generation: p.svc.generation,
             };
             if let Err(e) = m.insert(p.svc.key, v, 0) {
                 // Put back the services already switched: the old slots are untouched.
@@ -641,6 +757,7 @@ impl Dataplane {
         let mut old_pins: Vec<(u32, PinKey)> = std::mem::take(&mut self.applied.stale_pins);
         let mut dead_backends: BTreeSet<u16> = BTreeSet::new();
         let mut gone_keys: Vec<VipKey> = Vec::new();
+        let mut gone_ids: Vec<u32> = Vec::new();
 
         // Services replaced by a plan or removed: their old slot is now unreachable.
         let replaced: BTreeSet<&str> = plans.iter().map(|p| p.svc.spec.name.as_str()).collect();
@@ -672,14 +789,20 @@ impl Dataplane {
                 if !new_keys.contains(&old.key) {
                     gone_keys.push(old.key);
                 }
+                if !plans.iter().any(|p| p.svc.id == old.id) {
+                    gone_ids.push(old.id);
+                }
                 if removed {
                     report.removed.push(name.clone());
                 }
             }
         }
-        for (k, _) in std::mem::take(&mut self.applied.stale_services) {
+        for (k, s) in std::mem::take(&mut self.applied.stale_services) {
             if !new_keys.contains(&k) {
                 gone_keys.push(k);
+                if !plans.iter().any(|p| p.svc.id == s.id) {
+                    gone_ids.push(s.id);
+                }
             }
         }
         let claimed: BTreeSet<u16> = plans
@@ -707,6 +830,16 @@ impl Dataplane {
                     let _ = m.remove(&mk);
                     self.applied.markers.remove(&mk);
                 }
+            }
+        }
+        {
+            let mut st: Array<&mut MapData, ServiceState> =
+                Array::try_from(self.ebpf.map_mut(n::SERVICE_STATE).unwrap())
+                    .map_err(map_err(n::SERVICE_STATE))?;
+            for id in &gone_ids {
+                // Generation kept in `service_generations`, so a reuse of the id gets a new one.
+                st.set(*id, ServiceState::default(), 0)
+                    .map_err(map_err(n::SERVICE_STATE))?;
             }
         }
         {
