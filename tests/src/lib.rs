@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod http;
 pub mod lab;
+pub mod packet;
 
 pub use agent::{Agent, VIP_V4, VIP_V6};
 pub use http::{Response, connect_and_get, http_get};

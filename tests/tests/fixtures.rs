@@ -1,0 +1,1504 @@
+//! Packet fixtures, Katran-style: each named case sends frames through the real XDP program
+//! with `BPF_PROG_TEST_RUN` and checks, for every frame, the verdict, the output frame byte for
+//! byte (expected frames are built independently by `zdd_tests::packet`, checksums computed in
+//! full), the exact change of every global counter, and that the output's checksums verify
+//! whenever the input's did.
+//!
+//! The program runs in the edge namespace of a lab without backends: `bpf_fib_lookup` resolves
+//! next hops from that namespace's routes and from permanent neighbour entries this test adds,
+//! so every expected MAC is known. Backends are addresses on the edge's eth1 subnet that exist
+//! only as neighbour entries; nothing is ever sent.
+//!
+//! All cases run in one test (they share one loaded program and one lab, in a fixed order);
+//! each case is reported by name, and the test fails listing every failed case.
+
+use std::net::{IpAddr, SocketAddr};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::{Duration, Instant};
+
+use aya::maps::HashMap;
+use zdd_common::{FlowEntry, FlowKey, Stat, flow_flags, map_names};
+use zdd_tests::packet::*;
+use zdd_tests::{Lab, LabSpec, Node, require_privileged};
+
+type R = Result<(), String>;
+
+const CLIENT_MAC: Mac = [0x02, 0xc1, 0x00, 0x00, 0x00, 0x02];
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// The MAC this test gives the neighbour entry of `ip` (unique per address).
+fn neigh_mac(ip: IpAddr) -> Mac {
+    let (fam, o): (u8, Vec<u8>) = match ip {
+        IpAddr::V4(a) => (4, a.octets().to_vec()),
+        IpAddr::V6(a) => (6, a.octets().to_vec()),
+    };
+    let n = o.len();
+    [0x02, 0x4e, fam, o[n - 3], o[n - 2], o[n - 1]]
+}
+
+// Addresses of the fixture services (see `config`).
+const WEB4: &str = "10.0.100.1:80";
+const WEB4_BLUE: &str = "10.0.2.11:8080";
+const GREEN4: &str = "10.0.100.2:80";
+const GREEN4_GREEN: &str = "10.0.2.22:8080";
+const DNS4: &str = "10.0.100.1:53";
+const DNS4_BE: &str = "10.0.2.13:5353";
+const WEB6: &str = "[fd00:100::1]:80";
+const WEB6_BE: &str = "[fd00:2::11]:8080";
+const DNS6: &str = "[fd00:100::1]:53";
+const DNS6_BE: &str = "[fd00:2::13]:5353";
+const DSR4: &str = "10.0.100.3:80";
+const DSR4_BE: &str = "10.0.2.31:80";
+const DSR4U: &str = "10.0.100.3:53";
+const DSR4U_BE: &str = "10.0.2.32:53";
+const DSR6: &str = "[fd00:100::3]:80";
+const DSR6_BE: &str = "[fd00:2::31]:80";
+const AFF4: &str = "10.0.100.4:80";
+const PIN4: &str = "10.0.100.5:80";
+const PIN6: &str = "[fd00:100::5]:80";
+const ZERO4: &str = "10.0.100.6:80";
+const RM4: &str = "10.0.100.7:80";
+const NN4: &str = "10.0.100.8:80";
+const NN4_BE: &str = "10.0.2.81:8080";
+const NN6: &str = "[fd00:100::8]:80";
+const NN6_BE: &str = "[fd00:2::81]:8080";
+const RN4: &str = "10.0.100.9:80";
+const RN4_BE: &str = "10.0.2.91:8080";
+const NOROUTE4: &str = "10.0.100.10:80";
+const DSRNN4: &str = "10.0.100.11:80";
+
+const CLIENT4: &str = "10.0.1.2";
+const CLIENT4_PINNED: &str = "10.0.1.200";
+const CLIENT4_NO_NEIGH: &str = "10.0.1.77";
+const CLIENT6: &str = "fd00:1::2";
+const CLIENT6_PINNED: &str = "fd00:1::1:0:0:2";
+/// A client on the backends' side (eth1): its flows leave by the interface they came in.
+const CLIENT4_HAIRPIN: &str = "10.0.2.200";
+
+/// (service, vip, protocol, forwarding, affinity, split, backends (name, addr, group, weight), pins)
+type Svc = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str, &'static str, u32)>,
+    Vec<(&'static str, &'static str)>,
+);
+
+fn services() -> Vec<Svc> {
+    let one = |n, a| vec![(n, a, "blue", 100)];
+    vec![
+        (
+            "web4",
+            WEB4,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100, green = 0",
+            vec![
+                ("web4-blue", WEB4_BLUE, "blue", 100),
+                ("web4-green", "10.0.2.21:8080", "green", 100),
+            ],
+            vec![],
+        ),
+        (
+            "green4",
+            GREEN4,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 0, green = 100",
+            vec![
+                ("green4-blue", "10.0.2.12:8080", "blue", 100),
+                ("green4-green", GREEN4_GREEN, "green", 100),
+            ],
+            vec![],
+        ),
+        (
+            "dns4",
+            DNS4,
+            "udp",
+            "nat",
+            "flow",
+            "blue = 100",
+            one("dns4-1", DNS4_BE),
+            vec![],
+        ),
+        (
+            "web6",
+            WEB6,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100",
+            one("web6-1", WEB6_BE),
+            vec![],
+        ),
+        (
+            "dns6",
+            DNS6,
+            "udp",
+            "nat",
+            "flow",
+            "blue = 100",
+            one("dns6-1", DNS6_BE),
+            vec![],
+        ),
+        (
+            "dsr4",
+            DSR4,
+            "tcp",
+            "dsr",
+            "flow",
+            "blue = 100",
+            one("dsr4-1", DSR4_BE),
+            vec![],
+        ),
+        (
+            "dsr4u",
+            DSR4U,
+            "udp",
+            "dsr",
+            "flow",
+            "blue = 100",
+            one("dsr4u-1", DSR4U_BE),
+            vec![],
+        ),
+        (
+            "dsr6",
+            DSR6,
+            "tcp",
+            "dsr",
+            "flow",
+            "blue = 100",
+            one("dsr6-1", DSR6_BE),
+            vec![],
+        ),
+        (
+            "aff4",
+            AFF4,
+            "tcp",
+            "nat",
+            "client",
+            "blue = 50, green = 50",
+            vec![
+                ("aff-b1", "10.0.2.41:8080", "blue", 100),
+                ("aff-b2", "10.0.2.42:8080", "blue", 100),
+                ("aff-g1", "10.0.2.43:8080", "green", 100),
+                ("aff-g2", "10.0.2.44:8080", "green", 100),
+            ],
+            vec![],
+        ),
+        (
+            "pin4",
+            PIN4,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100, green = 0",
+            vec![
+                ("pin4-blue", "10.0.2.51:8080", "blue", 100),
+                ("pin4-green", "10.0.2.52:8080", "green", 100),
+            ],
+            vec![("10.0.1.128/25", "green")],
+        ),
+        (
+            "pin6",
+            PIN6,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100, green = 0",
+            vec![
+                ("pin6-blue", "[fd00:2::51]:8080", "blue", 100),
+                ("pin6-green", "[fd00:2::52]:8080", "green", 100),
+            ],
+            vec![("fd00:1:0:0:1::/80", "green")],
+        ),
+        (
+            "zero4",
+            ZERO4,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100, green = 0",
+            vec![
+                ("zero-blue", "10.0.2.61:8080", "blue", 100),
+                ("zero-green", "10.0.2.62:8080", "green", 0),
+            ],
+            vec![],
+        ),
+        (
+            "rm4",
+            RM4,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100",
+            vec![
+                ("rm-1", "10.0.2.71:8080", "blue", 100),
+                ("rm-2", "10.0.2.72:8080", "blue", 100),
+            ],
+            vec![],
+        ),
+        (
+            "nn4",
+            NN4,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100",
+            one("nn4-1", NN4_BE),
+            vec![],
+        ),
+        (
+            "nn6",
+            NN6,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100",
+            one("nn6-1", NN6_BE),
+            vec![],
+        ),
+        (
+            "rn4",
+            RN4,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100",
+            one("rn4-1", RN4_BE),
+            vec![],
+        ),
+        (
+            "dsrnn4",
+            DSRNN4,
+            "tcp",
+            "dsr",
+            "flow",
+            "blue = 100",
+            one("dsrnn4-1", "10.0.2.82:80"),
+            vec![],
+        ),
+        (
+            "noroute4",
+            NOROUTE4,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100",
+            one("noroute4-1", "192.0.2.1:8080"),
+            vec![],
+        ),
+    ]
+}
+
+/// The config: every service, without the backend named `removed` if any.
+fn config(removed: Option<&str>) -> String {
+    let mut s = String::from("[agent]\ninterfaces = [\"eth0\", \"eth1\"]\n");
+    for (name, vip, proto, fwd, aff, split, backends, pins) in services() {
+        s += &format!(
+            "\n[[services]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"{proto}\"\n\
+             forwarding = \"{fwd}\"\naffinity = \"{aff}\"\nsplit = {{ {split} }}\n"
+        );
+        for (bn, addr, group, weight) in backends {
+            if Some(bn) == removed {
+                continue;
+            }
+            s += &format!(
+                "\n[[services.backends]]\nname = \"{bn}\"\naddr = \"{addr}\"\ngroup = \"{group}\"\nweight = {weight}\n"
+            );
+        }
+        for (src, group) in pins {
+            s += &format!("\n[[services.pins]]\nsource = \"{src}\"\ngroup = \"{group}\"\n");
+        }
+    }
+    s
+}
+
+/// Backend address of every backend name, for reading flow entries back.
+fn backend_addr(name: &str) -> SocketAddr {
+    services()
+        .into_iter()
+        .flat_map(|s| s.6)
+        .find(|b| b.0 == name)
+        .map(|b| sa(b.1))
+        .unwrap_or_else(|| panic!("no backend {name}"))
+}
+
+struct Fx<'a> {
+    lab: &'a Lab,
+    t: TestRunner,
+    /// Edge ifindex and MAC of eth0 (clients) and eth1 (backends).
+    if_c: u32,
+    if_b: u32,
+    mac_c: Mac,
+    mac_b: Mac,
+    next_port: u16,
+    results: Vec<(String, R)>,
+}
+
+const NEW_FWD: &[(Stat, u64)] = &[(Stat::NewFlow, 1), (Stat::Forward, 1)];
+const HIT_FWD: &[(Stat, u64)] = &[(Stat::Forward, 1)];
+const PASS: &[(Stat, u64)] = &[(Stat::Pass, 1)];
+const MALFORMED: &[(Stat, u64)] = &[(Stat::Malformed, 1)];
+const FRAGMENT: &[(Stat, u64)] = &[(Stat::Fragment, 1), (Stat::Drop, 1)];
+const REVERSE: &[(Stat, u64)] = &[(Stat::Reverse, 1)];
+
+impl<'a> Fx<'a> {
+    fn port(&mut self) -> u16 {
+        self.next_port += 1;
+        self.next_port
+    }
+
+    fn case(&mut self, name: &str, f: impl FnOnce(&mut Fx<'a>) -> R) {
+        let r = catch_unwind(AssertUnwindSafe(|| f(self))).unwrap_or_else(|p| {
+            Err(format!(
+                "panicked: {}",
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            ))
+        });
+        self.results.push((name.to_string(), r));
+    }
+
+    /// A frame from a client (MACs: client → edge eth0).
+    fn client_frame(&self, proto: u8, src: SocketAddr, dst: SocketAddr) -> FrameSpec {
+        let s = if proto == PROTO_TCP {
+            FrameSpec::tcp(src, dst)
+        } else {
+            FrameSpec::udp(src, dst)
+        };
+        s.macs(CLIENT_MAC, self.mac_c)
+    }
+
+    /// A frame from a backend (MACs: backend → edge eth1).
+    fn backend_frame(&self, proto: u8, src: SocketAddr, dst: SocketAddr) -> FrameSpec {
+        let s = if proto == PROTO_TCP {
+            FrameSpec::tcp(src, dst).flags(TCP_SYN | TCP_ACK)
+        } else {
+            FrameSpec::udp(src, dst).payload(b"answer")
+        };
+        s.macs(neigh_mac(src.ip()), self.mac_b)
+    }
+
+    /// What nat makes of `spec` towards `backend`: destination, TTL − 1, MACs of eth1 and the
+    /// backend's neighbour entry; checksums computed in full by the builder.
+    fn nat_out(&self, spec: &FrameSpec, backend: SocketAddr) -> Vec<u8> {
+        spec.clone()
+            .dst(backend)
+            .ttl(spec.ttl - 1)
+            .macs(self.mac_b, neigh_mac(backend.ip()))
+            .build()
+    }
+
+    /// What nat makes of a backend's reply: source = VIP, TTL − 1, MACs towards the client.
+    fn reply_out(&self, spec: &FrameSpec, vip: SocketAddr) -> Vec<u8> {
+        spec.clone()
+            .src(vip)
+            .ttl(spec.ttl - 1)
+            .macs(self.mac_c, neigh_mac(spec.dst))
+            .build()
+    }
+
+    /// Runs one frame; checks the verdict, that every counter changed by exactly `deltas`
+    /// (all others unchanged), and that the output verifies if the input did. Returns the
+    /// output frame.
+    fn run(
+        &mut self,
+        input: &[u8],
+        ingress: u32,
+        verdict: u32,
+        deltas: &[(Stat, u64)],
+    ) -> Result<Vec<u8>, String> {
+        let before = self.t.stats();
+        let (v, out) = self.t.run(input, ingress).map_err(|e| format!("{e:#}"))?;
+        let after = self.t.stats();
+        let mut errs = Vec::new();
+        if v != verdict {
+            errs.push(format!(
+                "verdict {} expected {}",
+                verdict_name(v),
+                verdict_name(verdict)
+            ));
+        }
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            let want = deltas
+                .iter()
+                .find(|(d, _)| d == s)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            let got = after[i].wrapping_sub(before[i]);
+            if got != want {
+                errs.push(format!("counter {} +{got}, expected +{want}", s.name()));
+            }
+        }
+        if verify(input).is_ok()
+            && let Err(e) = verify(&out)
+        {
+            errs.push(format!("output frame does not verify: {e}"));
+        }
+        if errs.is_empty() {
+            Ok(out)
+        } else {
+            Err(format!(
+                "{}\n  in  {}\n  out {}",
+                errs.join("; "),
+                hex(input),
+                hex(&out)
+            ))
+        }
+    }
+
+    /// `run`, then the output must equal `expected` byte for byte.
+    fn expect(
+        &mut self,
+        input: &[u8],
+        ingress: u32,
+        verdict: u32,
+        expected: &[u8],
+        deltas: &[(Stat, u64)],
+    ) -> R {
+        verify(expected)
+            .map(drop)
+            .or_else(|e| {
+                if verify(input).is_ok() {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
+            })
+            .map_err(|e| format!("fixture bug: expected frame does not verify: {e}"))?;
+        let out = self.run(input, ingress, verdict, deltas)?;
+        same(expected, &out)
+    }
+
+    /// Not for zdd: XDP_PASS, frame untouched, `deltas` counted.
+    fn untouched(&mut self, input: &[u8], ingress: u32, verdict: u32, deltas: &[(Stat, u64)]) -> R {
+        self.expect(input, ingress, verdict, input, deltas)
+    }
+
+    fn flow(&mut self, src: SocketAddr, dst: SocketAddr, proto: u8) -> Option<FlowEntry> {
+        let m = self.t.dp.ebpf_mut().map(map_names::FLOWS)?;
+        let h: HashMap<_, FlowKey, FlowEntry> = HashMap::try_from(m).ok()?;
+        h.get(&flow_key(src, dst, proto), 0).ok()
+    }
+
+    /// The backend (service's name for it) a flow is pinned to.
+    fn flow_backend(
+        &mut self,
+        svc: &str,
+        src: SocketAddr,
+        dst: SocketAddr,
+        proto: u8,
+    ) -> Result<String, String> {
+        let e = self
+            .flow(src, dst, proto)
+            .ok_or_else(|| format!("no flow entry for {src} -> {dst}"))?;
+        let names: Vec<&str> = services()
+            .into_iter()
+            .filter(|s| s.0 == svc)
+            .flat_map(|s| s.6.into_iter().map(|b| b.0))
+            .collect();
+        names
+            .into_iter()
+            .find(|n| self.t.dp.applied().backend_id(svc, n) == Some(e.backend))
+            .map(str::to_string)
+            .ok_or_else(|| format!("flow entry names backend id {} not in {svc}", e.backend))
+    }
+
+    fn neigh(&self, ip: &str, dev: &str) {
+        let mac = neigh_mac(ip.parse().unwrap());
+        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        self.lab
+            .ip(
+                Node::Edge,
+                &[
+                    "neigh",
+                    "replace",
+                    ip,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ],
+            )
+            .unwrap();
+    }
+}
+
+fn same(expected: &[u8], got: &[u8]) -> R {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(format!("output frame differs: {}", diff(expected, got)))
+    }
+}
+
+fn ensure(cond: bool, msg: impl FnOnce() -> String) -> R {
+    if cond { Ok(()) } else { Err(msg()) }
+}
+
+#[test]
+fn fixtures() {
+    require_privileged!();
+    let lab = Lab::new(LabSpec::default().with_backends(Vec::<(String, String)>::new()))
+        .expect("building the lab");
+    let started = Instant::now();
+    let results = lab.in_ns(Node::Edge, || run_all(&lab));
+    let failed: Vec<&(String, R)> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    println!(
+        "{} fixture cases in {:.1?}: {} passed, {} failed",
+        results.len(),
+        started.elapsed(),
+        results.len() - failed.len(),
+        failed.len()
+    );
+    for (name, r) in &results {
+        println!("  {} {name}", if r.is_ok() { "ok  " } else { "FAIL" });
+    }
+    for (name, r) in &failed {
+        println!("\nFAILED {name}: {}", r.as_ref().unwrap_err());
+    }
+    assert!(results.len() >= 60, "only {} cases", results.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} fixture cases failed: {}",
+        failed.len(),
+        results.len(),
+        failed
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+fn run_all(lab: &Lab) -> Vec<(String, R)> {
+    let mut t = TestRunner::load("fx", 65_536).expect("loading");
+    t.apply_toml(&config(None))
+        .expect("applying the fixture config");
+    let mut fx = Fx {
+        lab,
+        t,
+        if_c: lab.ifindex(Node::Edge, "eth0").unwrap(),
+        if_b: lab.ifindex(Node::Edge, "eth1").unwrap(),
+        mac_c: lab.mac(Node::Edge, "eth0").unwrap(),
+        mac_b: lab.mac(Node::Edge, "eth1").unwrap(),
+        next_port: 40_000,
+        results: Vec::new(),
+    };
+    // Neighbours: every backend but the unresolved ones (nn4, nn6) and the unroutable one, the
+    // clients, and the hairpin client on the backends' side.
+    for s in services() {
+        for (name, addr, ..) in s.6 {
+            if ["nn4-1", "nn6-1", "noroute4-1", "dsrnn4-1"].contains(&name) {
+                continue;
+            }
+            fx.neigh(&sa(addr).ip().to_string(), "eth1");
+        }
+    }
+    for c in [CLIENT4, CLIENT4_PINNED, CLIENT6, CLIENT6_PINNED] {
+        fx.neigh(c, "eth0");
+    }
+    fx.neigh(CLIENT4_HAIRPIN, "eth1");
+
+    not_for_zdd(&mut fx);
+    fragments(&mut fx);
+    truncated_and_malformed(&mut fx);
+    nat_v4(&mut fx);
+    nat_v6(&mut fx);
+    dsr(&mut fx);
+    selection(&mut fx);
+    next_hops(&mut fx);
+    removed_backend(&mut fx);
+    fx.results
+}
+
+fn c4(port: u16) -> SocketAddr {
+    SocketAddr::new(CLIENT4.parse().unwrap(), port)
+}
+fn c6(port: u16) -> SocketAddr {
+    SocketAddr::new(CLIENT6.parse().unwrap(), port)
+}
+
+fn not_for_zdd(fx: &mut Fx) {
+    let (ic, ib) = (fx.if_c, fx.if_b);
+    fx.case("pass_v4_tcp_other_port", |fx| {
+        let f = fx
+            .client_frame(PROTO_TCP, c4(41000), sa("10.0.100.1:81"))
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_v4_tcp_other_addr", |fx| {
+        let f = fx
+            .client_frame(PROTO_TCP, c4(41000), sa("10.0.100.99:80"))
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_v4_udp_to_tcp_vip", |fx| {
+        let f = fx.client_frame(PROTO_UDP, c4(41000), sa(WEB4)).build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_v4_tcp_to_udp_vip", |fx| {
+        let f = fx.client_frame(PROTO_TCP, c4(41000), sa(DNS4)).build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_v6_tcp_other_port", |fx| {
+        let f = fx
+            .client_frame(PROTO_TCP, c6(41000), sa("[fd00:100::1]:81"))
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_v6_tcp_other_addr", |fx| {
+        let f = fx
+            .client_frame(PROTO_TCP, c6(41000), sa("[fd00:100::99]:80"))
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_v4_tcp_vlan_other_port", |fx| {
+        let f = fx
+            .client_frame(PROTO_TCP, c4(41000), sa("10.0.100.1:81"))
+            .vlan(100)
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_arp_request_for_vip", |fx| {
+        let f = arp_request(
+            CLIENT_MAC,
+            "10.0.1.2".parse().unwrap(),
+            "10.0.100.1".parse().unwrap(),
+        );
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_lldp_ethertype", |fx| {
+        let mut f = fx.client_frame(PROTO_TCP, c4(41000), sa(WEB4)).build();
+        f[12..14].copy_from_slice(&0x88ccu16.to_be_bytes());
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_qinq_double_tag", |fx| {
+        // 802.1ad outer tag, then an 802.1Q tag: zdd reads one tag only.
+        let mut f = fx
+            .client_frame(PROTO_TCP, c4(41000), sa(WEB4))
+            .vlan(100)
+            .build();
+        f[12..14].copy_from_slice(&ETH_P_8021AD.to_be_bytes());
+        f.splice(16..16, [0x81, 0x00, 0x00, 0x64]);
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_icmp_echo_to_vip", |fx| {
+        let f = FrameSpec::icmp_echo(CLIENT4.parse().unwrap(), "10.0.100.1".parse().unwrap())
+            .macs(CLIENT_MAC, fx.mac_c)
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_icmpv6_echo_to_vip", |fx| {
+        let f = FrameSpec::icmp_echo(CLIENT6.parse().unwrap(), "fd00:100::1".parse().unwrap())
+            .macs(CLIENT_MAC, fx.mac_c)
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_v6_hop_by_hop_to_vip", |fx| {
+        // An extension header before TCP: not balanced (zdd reads no extension headers).
+        let tcp = fx.client_frame(PROTO_TCP, c6(41000), sa(WEB6)).build();
+        let mut spec = fx.client_frame(PROTO_TCP, c6(41000), sa(WEB6));
+        spec.proto = PROTO_HOPOPTS;
+        let mut hbh = vec![PROTO_TCP, 0, 1, 4, 0, 0, 0, 0];
+        hbh.extend_from_slice(&tcp[14 + 40..]);
+        spec.payload = hbh;
+        let f = spec.build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("pass_v4_from_backend_port_unknown_flow", |fx| {
+        // Source port of a nat backend, but no flow: not a reply zdd made.
+        let f = fx
+            .backend_frame(PROTO_TCP, sa(WEB4_BLUE), c4(59999))
+            .build();
+        fx.untouched(&f, ib, XDP_PASS, PASS)
+    });
+    fx.case("pass_v6_from_backend_port_unknown_flow", |fx| {
+        let f = fx.backend_frame(PROTO_TCP, sa(WEB6_BE), c6(59999)).build();
+        fx.untouched(&f, ib, XDP_PASS, PASS)
+    });
+}
+
+fn fragments(fx: &mut Fx) {
+    let ic = fx.if_c;
+    fx.case("frag_v4_mf_to_vip_drop", |fx| {
+        let f = fx
+            .client_frame(PROTO_UDP, c4(41001), sa(DNS4))
+            .ipv4_frag(0x2000)
+            .build();
+        fx.untouched(&f, ic, XDP_DROP, FRAGMENT)
+    });
+    fx.case("frag_v4_offset_to_vip_drop", |fx| {
+        let f = fx
+            .client_frame(PROTO_TCP, c4(41001), sa(WEB4))
+            .ipv4_frag(185)
+            .build();
+        fx.untouched(&f, ic, XDP_DROP, FRAGMENT)
+    });
+    fx.case("frag_v4_last_fragment_df_offset_to_vip_drop", |fx| {
+        let f = fx
+            .client_frame(PROTO_TCP, c4(41001), sa(WEB4))
+            .ipv4_frag(0x4000 | 7)
+            .build();
+        fx.untouched(&f, ic, XDP_DROP, FRAGMENT)
+    });
+    fx.case("frag_v4_to_vip_addr_other_port_drop", |fx| {
+        let f = fx
+            .client_frame(PROTO_TCP, c4(41001), sa("10.0.100.1:81"))
+            .ipv4_frag(0x2000)
+            .build();
+        fx.untouched(&f, ic, XDP_DROP, FRAGMENT)
+    });
+    fx.case("frag_v4_mf_other_addr_pass", |fx| {
+        let f = fx
+            .client_frame(PROTO_UDP, c4(41001), sa("10.0.100.99:53"))
+            .ipv4_frag(0x2000)
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("frag_v4_offset_other_addr_pass", |fx| {
+        let f = fx
+            .client_frame(PROTO_UDP, c4(41001), sa("10.0.100.99:53"))
+            .ipv4_frag(100)
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("frag_v6_first_to_vip_drop", |fx| {
+        let f = fx
+            .client_frame(PROTO_UDP, c6(41001), sa(DNS6))
+            .ipv6_frag(0, true)
+            .build();
+        fx.untouched(&f, ic, XDP_DROP, FRAGMENT)
+    });
+    fx.case("frag_v6_offset_to_vip_drop", |fx| {
+        let f = fx
+            .client_frame(PROTO_TCP, c6(41001), sa(WEB6))
+            .ipv6_frag(181, false)
+            .build();
+        fx.untouched(&f, ic, XDP_DROP, FRAGMENT)
+    });
+    fx.case("frag_v6_other_addr_pass", |fx| {
+        let f = fx
+            .client_frame(PROTO_UDP, c6(41001), sa("[fd00:100::99]:53"))
+            .ipv6_frag(0, true)
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("not_frag_v4_df_to_vip_forward", |fx| {
+        // DF alone is not a fragment: balanced as usual.
+        let p = fx.port();
+        let s = fx
+            .client_frame(PROTO_TCP, c4(p), sa(WEB4))
+            .ipv4_frag(0x4000);
+        let want = fx.nat_out(&s, sa(WEB4_BLUE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+}
+
+fn truncated_and_malformed(fx: &mut Fx) {
+    let ic = fx.if_c;
+    let v4tcp = fx.client_frame(PROTO_TCP, c4(41002), sa(WEB4)).build();
+    let v4udp = fx.client_frame(PROTO_UDP, c4(41002), sa(DNS4)).build();
+    let v4opt = fx
+        .client_frame(PROTO_TCP, c4(41002), sa(WEB4))
+        .ipv4_options(&[1, 1, 1, 7, 7, 4, 0, 0, 0, 0])
+        .build();
+    let v4vlan = fx
+        .client_frame(PROTO_TCP, c4(41002), sa(WEB4))
+        .vlan(7)
+        .build();
+    let v6tcp = fx.client_frame(PROTO_TCP, c6(41002), sa(WEB6)).build();
+    let v6udp = fx.client_frame(PROTO_UDP, c6(41002), sa(DNS6)).build();
+    let cut = |f: &[u8], n: usize| f[..n].to_vec();
+    let table: Vec<(&str, Vec<u8>)> = vec![
+        ("trunc_vlan_tag_0_of_4", cut(&v4vlan, 14)),
+        ("trunc_vlan_tag_2_of_4", cut(&v4vlan, 16)),
+        ("trunc_vlan_v4_header_0_of_20", cut(&v4vlan, 18)),
+        ("trunc_v4_header_0_of_20", cut(&v4tcp, 14)),
+        ("trunc_v4_header_19_of_20", cut(&v4tcp, 33)),
+        ("trunc_v4_options_0_of_12", cut(&v4opt, 34)),
+        ("trunc_v4_options_11_of_12", cut(&v4opt, 45)),
+        ("trunc_v4_options_tcp_0_of_20", cut(&v4opt, 46)),
+        ("trunc_v4_tcp_0_of_20", cut(&v4tcp, 34)),
+        ("trunc_v4_tcp_19_of_20", cut(&v4tcp, 53)),
+        ("trunc_vlan_v4_tcp_19_of_20", cut(&v4vlan, 57)),
+        ("trunc_v4_udp_0_of_8", cut(&v4udp, 34)),
+        ("trunc_v4_udp_7_of_8", cut(&v4udp, 41)),
+        ("trunc_v6_header_0_of_40", cut(&v6tcp, 14)),
+        ("trunc_v6_header_39_of_40", cut(&v6tcp, 53)),
+        ("trunc_v6_tcp_0_of_20", cut(&v6tcp, 54)),
+        ("trunc_v6_tcp_19_of_20", cut(&v6tcp, 73)),
+        ("trunc_v6_udp_7_of_8", cut(&v6udp, 61)),
+    ];
+    for (name, f) in table {
+        fx.case(name, |fx| {
+            ensure(parse(&f).is_err(), || "fixture bug: frame parses".into())?;
+            fx.untouched(&f, ic, XDP_PASS, MALFORMED)
+        });
+    }
+    fx.case("trunc_eth_13_of_14_refused_by_kernel", |fx| {
+        // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header (EINVAL): the
+        // program can never see one, so there is nothing of zdd to check below 14 bytes.
+        match fx.t.run(&v4tcp[..13], ic) {
+            Err(e) => ensure(format!("{e:#}").contains("nvalid argument"), || {
+                format!("unexpected error: {e:#}")
+            }),
+            Ok((v, _)) => Err(format!("kernel ran a 13-byte frame: {}", verdict_name(v))),
+        }
+    });
+    let mutated = |f: &[u8], at: usize, b: u8| {
+        let mut g = f.to_vec();
+        g[at] = b;
+        g
+    };
+    let table: Vec<(&str, Vec<u8>)> = vec![
+        ("malformed_v4_ihl_4", mutated(&v4tcp, 14, 0x44)),
+        (
+            "malformed_v4_version_6_in_ipv4_frame",
+            mutated(&v4tcp, 14, 0x65),
+        ),
+        (
+            "malformed_v4_total_length_below_ihl",
+            mutated(&v4tcp, 17, 19),
+        ),
+        ("malformed_v4_ihl_15_past_frame_end", {
+            // IHL 15 (60 bytes) but the frame ends inside the would-be options.
+            let mut g = mutated(&v4tcp, 14, 0x4f);
+            g.truncate(14 + 50);
+            g
+        }),
+        (
+            "malformed_v6_version_4_in_ipv6_frame",
+            mutated(&v6tcp, 14, 0x40),
+        ),
+        (
+            "malformed_v4_tcp_data_offset_4",
+            mutated(&v4tcp, 34 + 12, 0x40),
+        ),
+        (
+            "malformed_v6_tcp_data_offset_0",
+            mutated(&v6tcp, 54 + 12, 0x00),
+        ),
+    ];
+    for (name, f) in table {
+        fx.case(name, |fx| {
+            ensure(parse(&f).is_err(), || "fixture bug: frame parses".into())?;
+            fx.untouched(&f, ic, XDP_PASS, MALFORMED)
+        });
+    }
+}
+
+/// Forward a new flow, then the backend's answer: both must come out translated.
+fn nat_round_trip(
+    fx: &mut Fx,
+    proto: u8,
+    fwd: FrameSpec,
+    vip: SocketAddr,
+    backend: SocketAddr,
+    reply: impl FnOnce(FrameSpec) -> FrameSpec,
+) -> R {
+    let want = fx.nat_out(&fwd, backend);
+    fx.expect(&fwd.build(), fx.if_c, XDP_REDIRECT, &want, NEW_FWD)
+        .map_err(|e| format!("forward: {e}"))?;
+    let r = reply(fx.backend_frame(proto, backend, fwd.src_sock()));
+    let want = fx.reply_out(&r, vip);
+    fx.expect(&r.build(), fx.if_b, XDP_REDIRECT, &want, REVERSE)
+        .map_err(|e| format!("reply: {e}"))
+}
+
+fn nat_v4(fx: &mut Fx) {
+    let (ic, ib) = (fx.if_c, fx.if_b);
+    fx.case("nat_v4_tcp_syn_forward_and_flow_recorded", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        let want = fx.nat_out(&s, sa(WEB4_BLUE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        let b = fx.flow_backend("web4", c4(p), sa(WEB4), PROTO_TCP)?;
+        ensure(b == "web4-blue", || format!("flow on {b}"))
+    });
+    fx.case("nat_v4_tcp_established_ack_forward", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let s = s
+            .flags(TCP_ACK | TCP_PSH)
+            .payload(b"GET / HTTP/1.1\r\n\r\n");
+        let want = fx.nat_out(&s, sa(WEB4_BLUE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, HIT_FWD)
+    });
+    fx.case("nat_v4_tcp_round_trip_syn_synack", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        nat_round_trip(fx, PROTO_TCP, s, sa(WEB4), sa(WEB4_BLUE), |r| r)
+    });
+    fx.case("nat_v4_tcp_odd_payload_and_options", |fx| {
+        let p = fx.port();
+        let s = fx
+            .client_frame(PROTO_TCP, c4(p), sa(WEB4))
+            .tcp_options(&[2, 4, 5, 0xb4, 1, 3, 3, 7, 4, 2])
+            .payload(b"odd-length payload!");
+        nat_round_trip(fx, PROTO_TCP, s, sa(WEB4), sa(WEB4_BLUE), |r| {
+            r.flags(TCP_ACK).payload(b"odd")
+        })
+    });
+    fx.case("nat_v4_udp_round_trip", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_UDP, c4(p), sa(DNS4));
+        nat_round_trip(fx, PROTO_UDP, s, sa(DNS4), sa(DNS4_BE), |r| r)
+    });
+    fx.case("nat_v4_udp_checksum_0_stays_0_both_ways", |fx| {
+        let p = fx.port();
+        let s = fx
+            .client_frame(PROTO_UDP, c4(p), sa(DNS4))
+            .udp_no_checksum();
+        nat_round_trip(fx, PROTO_UDP, s, sa(DNS4), sa(DNS4_BE), |r| {
+            r.udp_no_checksum()
+        })
+    });
+    fx.case("nat_v4_udp_checksum_ffff_edge", |fx| {
+        // Find a payload whose translated datagram sums to zero, so the right checksum field
+        // is 0xffff (RFC 768): an incremental update must not write 0 there.
+        let p = fx.port();
+        let base = fx.client_frame(PROTO_UDP, c4(p), sa(DNS4));
+        let mut chosen = None;
+        for x in 0..=u16::MAX {
+            let s = base.clone().payload(&x.to_be_bytes());
+            let out = fx.nat_out(&s, sa(DNS4_BE));
+            let l4 = 14 + 20;
+            if out[l4 + 6..l4 + 8] == [0xff, 0xff] {
+                chosen = Some(s);
+                break;
+            }
+        }
+        let s = chosen.ok_or("no payload gives checksum 0xffff")?;
+        let want = fx.nat_out(&s, sa(DNS4_BE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+    fx.case("nat_v4_tcp_checksum_0000_edge", |fx| {
+        // A segment whose translated sum is all ones: the right field is 0x0000.
+        let p = fx.port();
+        let base = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4)).flags(TCP_ACK);
+        let s = (0..=u16::MAX)
+            .map(|x| base.clone().payload(&x.to_be_bytes()))
+            .find(|s| fx.nat_out(s, sa(WEB4_BLUE))[14 + 20 + 16..14 + 20 + 18] == [0, 0])
+            .ok_or("no payload gives checksum 0")?;
+        fx.run(
+            &base.clone().flags(TCP_SYN).build(),
+            ic,
+            XDP_REDIRECT,
+            NEW_FWD,
+        )?;
+        let want = fx.nat_out(&s, sa(WEB4_BLUE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, HIT_FWD)
+    });
+    fx.case("nat_v4_reply_udp_checksum_ffff_edge", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_UDP, c4(p), sa(DNS4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let base = fx.backend_frame(PROTO_UDP, sa(DNS4_BE), c4(p));
+        let r = (0..=u16::MAX)
+            .map(|x| base.clone().payload(&x.to_be_bytes()))
+            .find(|r| fx.reply_out(r, sa(DNS4))[14 + 20 + 6..14 + 20 + 8] == [0xff, 0xff])
+            .ok_or("no payload gives checksum 0xffff")?;
+        let want = fx.reply_out(&r, sa(DNS4));
+        fx.expect(&r.build(), ib, XDP_REDIRECT, &want, REVERSE)
+    });
+    fx.case("nat_v4_udp_flow_idles_out_then_new_flow", |fx| {
+        let short = zdd_common::Config {
+            udp_idle_ns: 50_000_000,
+            ..zdd_common::Config::default()
+        };
+        fx.t.dp.write_config(&short).map_err(|e| format!("{e:#}"))?;
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_UDP, c4(p), sa(DNS4));
+        let want = fx.nat_out(&s, sa(DNS4_BE));
+        let r = (|| {
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, HIT_FWD)?;
+            std::thread::sleep(Duration::from_millis(150));
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+                .map_err(|e| format!("after the idle timeout: {e}"))
+        })();
+        fx.t.dp
+            .write_config(&zdd_common::Config::default())
+            .map_err(|e| format!("{e:#}"))?;
+        r
+    });
+    fx.case("nat_v4_options_round_trip", |fx| {
+        let p = fx.port();
+        // NOP, NOP, NOP, Record Route (len 7, pointer 4, one empty slot): IHL 8.
+        let s = fx
+            .client_frame(PROTO_TCP, c4(p), sa(WEB4))
+            .ipv4_options(&[1, 1, 1, 7, 7, 4, 0, 0, 0, 0]);
+        nat_round_trip(fx, PROTO_TCP, s, sa(WEB4), sa(WEB4_BLUE), |r| {
+            r.ipv4_options(&[0x94, 4, 0, 0])
+        })
+    });
+    fx.case("nat_v4_options_max_ihl_15", |fx| {
+        let p = fx.port();
+        let s = fx
+            .client_frame(PROTO_UDP, c4(p), sa(DNS4))
+            .ipv4_options(&[1; 40]);
+        let want = fx.nat_out(&s, sa(DNS4_BE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+    fx.case("nat_v4_vlan_round_trip_tag_kept", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4)).vlan(0x2064);
+        nat_round_trip(fx, PROTO_TCP, s, sa(WEB4), sa(WEB4_BLUE), |r| {
+            r.vlan(0x0065)
+        })
+    });
+    fx.case("nat_v4_vlan_udp_checksum_0", |fx| {
+        let p = fx.port();
+        let s = fx
+            .client_frame(PROTO_UDP, c4(p), sa(DNS4))
+            .vlan(100)
+            .udp_no_checksum();
+        let want = fx.nat_out(&s, sa(DNS4_BE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+    fx.case("nat_v4_ethernet_padding_kept", |fx| {
+        // A minimum-size frame: 60 bytes, the IP datagram shorter, padding after it.
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_UDP, c4(p), sa(DNS4)).payload(b"x");
+        let mut f = s.build();
+        let mut want = fx.nat_out(&s, sa(DNS4_BE));
+        f.resize(60, 0xa5);
+        want.resize(60, 0xa5);
+        fx.expect(&f, ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+    fx.case("nat_v4_ttl_2_forward_ttl_1", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4)).ttl(2);
+        let want = fx.nat_out(&s, sa(WEB4_BLUE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+    fx.case("nat_v4_ttl_1_pass_untranslated", |fx| {
+        let p = fx.port();
+        let f = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4)).ttl(1).build();
+        // The flow is recorded before the TTL check (NewFlow), then the kernel answers.
+        fx.untouched(
+            &f,
+            ic,
+            XDP_PASS,
+            &[(Stat::NewFlow, 1), (Stat::TtlExpired, 1)],
+        )
+    });
+    fx.case("nat_v4_ttl_0_pass_untranslated", |fx| {
+        let p = fx.port();
+        let f = fx.client_frame(PROTO_UDP, c4(p), sa(DNS4)).ttl(0).build();
+        fx.untouched(
+            &f,
+            ic,
+            XDP_PASS,
+            &[(Stat::NewFlow, 1), (Stat::TtlExpired, 1)],
+        )
+    });
+    fx.case("nat_v4_reply_ttl_1_pass_untranslated", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let r = fx
+            .backend_frame(PROTO_TCP, sa(WEB4_BLUE), c4(p))
+            .ttl(1)
+            .build();
+        fx.untouched(&r, ib, XDP_PASS, &[(Stat::TtlExpired, 1)])
+    });
+    fx.case("nat_v4_hairpin_client_on_backend_side_xdp_tx", |fx| {
+        let client: SocketAddr = SocketAddr::new(CLIENT4_HAIRPIN.parse().unwrap(), 43210);
+        let s = FrameSpec::tcp(client, sa(WEB4)).macs(neigh_mac(client.ip()), fx.mac_b);
+        let want = fx.nat_out(&s, sa(WEB4_BLUE));
+        fx.expect(&s.build(), ib, XDP_TX, &want, NEW_FWD)?;
+        let r = fx.backend_frame(PROTO_TCP, sa(WEB4_BLUE), client);
+        let want = r
+            .clone()
+            .src(sa(WEB4))
+            .ttl(63)
+            .macs(fx.mac_b, neigh_mac(client.ip()))
+            .build();
+        fx.expect(&r.build(), ib, XDP_TX, &want, REVERSE)
+    });
+    fx.case("nat_v4_rst_closes_then_syn_is_new_flow", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let rst = s.clone().flags(TCP_RST | TCP_ACK).payload(b"");
+        let want = fx.nat_out(&rst, sa(WEB4_BLUE));
+        fx.expect(&rst.build(), ic, XDP_REDIRECT, &want, HIT_FWD)?;
+        let e = fx.flow(c4(p), sa(WEB4), PROTO_TCP).ok_or("flow gone")?;
+        ensure(e.flags & flow_flags::CLOSING != 0, || {
+            format!("flags {:#x} after RST", e.flags)
+        })?;
+        let want = fx.nat_out(&s, sa(WEB4_BLUE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+    fx.case("nat_v4_fin_both_ways_marks_closing", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let fin = s.clone().flags(TCP_FIN | TCP_ACK);
+        fx.run(&fin.build(), ic, XDP_REDIRECT, HIT_FWD)?;
+        let r = fx
+            .backend_frame(PROTO_TCP, sa(WEB4_BLUE), c4(p))
+            .flags(TCP_FIN | TCP_ACK);
+        let want = fx.reply_out(&r, sa(WEB4));
+        fx.expect(&r.build(), ib, XDP_REDIRECT, &want, REVERSE)?;
+        let e = fx.flow(c4(p), sa(WEB4), PROTO_TCP).ok_or("flow gone")?;
+        let all = flow_flags::FIN_FWD | flow_flags::FIN_REV | flow_flags::CLOSING;
+        ensure(e.flags & all == all, || format!("flags {:#x}", e.flags))
+    });
+    fx.case(
+        "pass_reply_from_a_backend_the_flow_is_not_pinned_to",
+        |fx| {
+            // web4-green serves web4 too, but this flow is pinned to web4-blue: its packet to
+            // the client is not a reply of this flow and must not be made to look like one.
+            let p = fx.port();
+            let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+            fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+            let r = fx
+                .backend_frame(PROTO_TCP, backend_addr("web4-green"), c4(p))
+                .build();
+            fx.untouched(&r, ib, XDP_PASS, PASS)
+        },
+    );
+    fx.case("nat_v4_reply_unresolved_client_pass_translated", |fx| {
+        let client = SocketAddr::new(CLIENT4_NO_NEIGH.parse().unwrap(), 45000);
+        let s = fx.client_frame(PROTO_TCP, client, sa(WEB4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let r = fx.backend_frame(PROTO_TCP, sa(WEB4_BLUE), client);
+        // Translated, TTL and MACs left to the kernel, which forwards it.
+        let want = r.clone().src(sa(WEB4)).build();
+        fx.expect(
+            &r.build(),
+            ib,
+            XDP_PASS,
+            &want,
+            &[(Stat::Reverse, 1), (Stat::PassToKernel, 1)],
+        )
+    });
+}
+
+fn nat_v6(fx: &mut Fx) {
+    let (ic, ib) = (fx.if_c, fx.if_b);
+    fx.case("nat_v6_tcp_round_trip", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c6(p), sa(WEB6));
+        nat_round_trip(fx, PROTO_TCP, s, sa(WEB6), sa(WEB6_BE), |r| r)
+    });
+    fx.case("nat_v6_tcp_established_payload", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c6(p), sa(WEB6));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let s = s
+            .flags(TCP_ACK | TCP_PSH)
+            .payload(b"GET /odd HTTP/1.1\r\n\r\n");
+        let want = fx.nat_out(&s, sa(WEB6_BE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, HIT_FWD)
+    });
+    fx.case("nat_v6_udp_round_trip", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_UDP, c6(p), sa(DNS6)).payload(b"q?");
+        nat_round_trip(fx, PROTO_UDP, s, sa(DNS6), sa(DNS6_BE), |r| {
+            r.payload(b"odd")
+        })
+    });
+    fx.case("nat_v6_vlan_round_trip_tag_kept", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c6(p), sa(WEB6)).vlan(42);
+        nat_round_trip(fx, PROTO_TCP, s, sa(WEB6), sa(WEB6_BE), |r| r.vlan(43))
+    });
+    fx.case("nat_v6_hop_limit_1_pass_untranslated", |fx| {
+        let p = fx.port();
+        let f = fx.client_frame(PROTO_TCP, c6(p), sa(WEB6)).ttl(1).build();
+        fx.untouched(
+            &f,
+            ic,
+            XDP_PASS,
+            &[(Stat::NewFlow, 1), (Stat::TtlExpired, 1)],
+        )
+    });
+    fx.case("nat_v6_reply_hop_limit_1_pass_untranslated", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_UDP, c6(p), sa(DNS6));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let r = fx
+            .backend_frame(PROTO_UDP, sa(DNS6_BE), c6(p))
+            .ttl(1)
+            .build();
+        fx.untouched(&r, ib, XDP_PASS, &[(Stat::TtlExpired, 1)])
+    });
+}
+
+fn dsr(fx: &mut Fx) {
+    let (ic, ib) = (fx.if_c, fx.if_b);
+    let dsr_out =
+        |fx: &Fx, s: &FrameSpec, be: &str| s.clone().macs(fx.mac_b, neigh_mac(sa(be).ip())).build();
+    fx.case("dsr_v4_tcp_only_macs_change", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(DSR4));
+        let want = dsr_out(fx, &s, DSR4_BE);
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        let s = s.flags(TCP_ACK).payload(b"more");
+        let want = dsr_out(fx, &s, DSR4_BE);
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, HIT_FWD)
+    });
+    fx.case("dsr_v4_udp_only_macs_change", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_UDP, c4(p), sa(DSR4U));
+        let want = dsr_out(fx, &s, DSR4U_BE);
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+    fx.case("dsr_v4_vlan_only_macs_change", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(DSR4)).vlan(5);
+        let want = dsr_out(fx, &s, DSR4_BE);
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+    fx.case("dsr_v4_ttl_1_forwarded_unchanged", |fx| {
+        // dsr is not a router hop: the TTL is neither checked nor decremented.
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(DSR4)).ttl(1);
+        let want = dsr_out(fx, &s, DSR4_BE);
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+    fx.case("dsr_v6_tcp_only_macs_change", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c6(p), sa(DSR6));
+        let want = dsr_out(fx, &s, DSR6_BE);
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+    fx.case("dsr_v4_backend_answer_from_own_address_passes", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(DSR4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        // A dsr backend answers from the VIP itself; anything from its own address passes.
+        let r = fx.backend_frame(PROTO_TCP, sa(DSR4_BE), c4(p)).build();
+        fx.untouched(&r, ib, XDP_PASS, PASS)
+    });
+}
+
+fn selection(fx: &mut Fx) {
+    let ic = fx.if_c;
+    fx.case("split_100_0_all_new_flows_blue", |fx| {
+        for _ in 0..32 {
+            let p = fx.port();
+            let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+            let want = fx.nat_out(&s, sa(WEB4_BLUE));
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        }
+        Ok(())
+    });
+    fx.case("split_0_100_all_new_flows_green", |fx| {
+        for _ in 0..32 {
+            let p = fx.port();
+            let s = fx.client_frame(PROTO_TCP, c4(p), sa(GREEN4));
+            let want = fx.nat_out(&s, sa(GREEN4_GREEN));
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        }
+        Ok(())
+    });
+    fx.case("split_0_100_many_clients_all_green", |fx| {
+        // Same service over many client addresses (not just ports).
+        for i in 0..32u8 {
+            let client = SocketAddr::new(format!("10.0.1.{}", 10 + i).parse().unwrap(), 5000);
+            let s = fx.client_frame(PROTO_TCP, client, sa(GREEN4));
+            fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+            let b = fx.flow_backend("green4", client, sa(GREEN4), PROTO_TCP)?;
+            ensure(b == "green4-green", || format!("{client} on {b}"))?;
+        }
+        Ok(())
+    });
+    fx.case("zero_weight_group_with_split_0_never_selected", |fx| {
+        for _ in 0..64 {
+            let p = fx.port();
+            let s = fx.client_frame(PROTO_TCP, c4(p), sa(ZERO4));
+            let want = fx.nat_out(&s, backend_addr("zero-blue"));
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        }
+        Ok(())
+    });
+    fx.case(
+        "client_affinity_same_client_other_ports_same_backend",
+        |fx| {
+            let mut seen = Vec::new();
+            for _ in 0..16 {
+                let p = fx.port();
+                let s = fx.client_frame(PROTO_TCP, c4(p), sa(AFF4));
+                let out = fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+                let b = fx.flow_backend("aff4", c4(p), sa(AFF4), PROTO_TCP)?;
+                same(&fx.nat_out(&s, backend_addr(&b)), &out)?;
+                seen.push(b);
+            }
+            seen.dedup();
+            ensure(seen.len() == 1, || format!("one client, backends {seen:?}"))
+        },
+    );
+    fx.case("client_affinity_spreads_clients", |fx| {
+        // Different clients are hashed apart: 64 clients must not all share one backend.
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..64u8 {
+            let client = SocketAddr::new(format!("10.0.1.{}", 100 + i).parse().unwrap(), 6000);
+            let s = fx.client_frame(PROTO_TCP, client, sa(AFF4));
+            fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+            seen.insert(fx.flow_backend("aff4", client, sa(AFF4), PROTO_TCP)?);
+        }
+        ensure(seen.len() == 4, || format!("backends used: {seen:?}"))
+    });
+    fx.case("pin_v4_cohort_goes_to_green_despite_split_0", |fx| {
+        for _ in 0..8 {
+            let p = fx.port();
+            let client = SocketAddr::new(CLIENT4_PINNED.parse().unwrap(), p);
+            let s = fx.client_frame(PROTO_TCP, client, sa(PIN4));
+            let want = fx.nat_out(&s, backend_addr("pin4-green"));
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        }
+        Ok(())
+    });
+    fx.case("pin_v4_outside_cohort_follows_split_blue", |fx| {
+        for _ in 0..8 {
+            let p = fx.port();
+            let s = fx.client_frame(PROTO_TCP, c4(p), sa(PIN4));
+            let want = fx.nat_out(&s, backend_addr("pin4-blue"));
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        }
+        Ok(())
+    });
+    fx.case("pin_v6_cohort_goes_to_green_despite_split_0", |fx| {
+        let p = fx.port();
+        let client = SocketAddr::new(CLIENT6_PINNED.parse().unwrap(), p);
+        let s = fx.client_frame(PROTO_TCP, client, sa(PIN6));
+        let want = fx.nat_out(&s, backend_addr("pin6-green"));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        let r = fx.backend_frame(PROTO_TCP, backend_addr("pin6-green"), client);
+        let want = fx.reply_out(&r, sa(PIN6));
+        fx.expect(&r.build(), fx.if_b, XDP_REDIRECT, &want, REVERSE)
+    });
+    fx.case("pin_v6_outside_cohort_follows_split_blue", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c6(p), sa(PIN6));
+        let want = fx.nat_out(&s, backend_addr("pin6-blue"));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+    });
+}
+
+fn next_hops(fx: &mut Fx) {
+    let ic = fx.if_c;
+    fx.case("unresolved_neighbour_v4_pass_translated", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(NN4));
+        // Translated (destination), TTL and MACs left to the kernel.
+        let want = s.clone().dst(sa(NN4_BE)).build();
+        fx.expect(
+            &s.build(),
+            ic,
+            XDP_PASS,
+            &want,
+            &[(Stat::NewFlow, 1), (Stat::PassToKernel, 1)],
+        )
+    });
+    fx.case("unresolved_neighbour_v6_pass_translated", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c6(p), sa(NN6));
+        let want = s.clone().dst(sa(NN6_BE)).build();
+        fx.expect(
+            &s.build(),
+            ic,
+            XDP_PASS,
+            &want,
+            &[(Stat::NewFlow, 1), (Stat::PassToKernel, 1)],
+        )
+    });
+    fx.case("dsr_unresolved_neighbour_drop", |fx| {
+        // dsr cannot hand the frame to the kernel (it is addressed to the VIP): dropped, and
+        // counted as `unresolved` (the agent resolves dsr backends' neighbours).
+        let p = fx.port();
+        let f = fx.client_frame(PROTO_TCP, c4(p), sa(DSRNN4)).build();
+        fx.untouched(
+            &f,
+            ic,
+            XDP_DROP,
+            &[(Stat::NewFlow, 1), (Stat::Unresolved, 1), (Stat::Drop, 1)],
+        )
+    });
+    fx.case("no_route_to_backend_drop", |fx| {
+        let p = fx.port();
+        let f = fx.client_frame(PROTO_TCP, c4(p), sa(NOROUTE4)).build();
+        fx.run(
+            &f,
+            ic,
+            XDP_DROP,
+            &[(Stat::NewFlow, 1), (Stat::FibFailure, 1), (Stat::Drop, 1)],
+        )
+        .map(drop)
+    });
+    fx.case("removed_neighbour_cached_1s_then_pass_translated", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(RN4));
+        let want = fx.nat_out(&s, sa(RN4_BE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        let ip = sa(RN4_BE).ip().to_string();
+        fx.lab
+            .ip(Node::Edge, &["neigh", "del", &ip, "dev", "eth1"])
+            .map_err(|e| format!("{e:#}"))?;
+        let s = s.flags(TCP_ACK);
+        // The next hop is cached for 1 s: still sent to the old MAC at once...
+        let want = fx.nat_out(&s, sa(RN4_BE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, HIT_FWD)
+            .map_err(|e| format!("within the cache time: {e}"))?;
+        std::thread::sleep(Duration::from_millis(1200));
+        // ...then the FIB says "no neighbour": translated, handed to the kernel.
+        let want = s.clone().dst(sa(RN4_BE)).build();
+        fx.expect(&s.build(), ic, XDP_PASS, &want, &[(Stat::PassToKernel, 1)])
+            .map_err(|e| format!("after the cache time: {e}"))
+    });
+}
+
+fn removed_backend(fx: &mut Fx) {
+    let (ic, ib) = (fx.if_c, fx.if_b);
+    fx.case("removed_backend_flow_reselected_to_live_backend", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(RM4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let first = fx.flow_backend("rm4", c4(p), sa(RM4), PROTO_TCP)?;
+        let other = if first == "rm-1" { "rm-2" } else { "rm-1" };
+        fx.t.apply_toml(&config(Some(&first)))
+            .map_err(|e| format!("{e:#}"))?;
+        let s = s.flags(TCP_ACK).payload(b"after removal");
+        let want = fx.nat_out(&s, backend_addr(other));
+        let r = fx.expect(
+            &s.build(),
+            ic,
+            XDP_REDIRECT,
+            &want,
+            &[(Stat::Reselected, 1), (Stat::Forward, 1)],
+        );
+        let now = fx.flow_backend("rm4", c4(p), sa(RM4), PROTO_TCP);
+        // Put the removed backend back for anything after this case.
+        fx.t.apply_toml(&config(None))
+            .map_err(|e| format!("{e:#}"))?;
+        r?;
+        ensure(now.as_deref() == Ok(other), || {
+            format!("flow now on {now:?}")
+        })?;
+        // The new backend's answers are translated back.
+        let rep = fx
+            .backend_frame(PROTO_TCP, backend_addr(other), c4(p))
+            .flags(TCP_ACK);
+        let want = fx.reply_out(&rep, sa(RM4));
+        fx.expect(&rep.build(), ib, XDP_REDIRECT, &want, REVERSE)
+    });
+}
