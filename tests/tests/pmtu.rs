@@ -34,6 +34,7 @@ fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload_len: usize) -> V
     h
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Ethernet frame: ICMP "fragmentation needed" (MTU `mtu`) from `from` to the VIP, quoting a
 /// UDP datagram VIP:`vport` → client:`cport`.
 fn frag_needed(

@@ -518,16 +518,16 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
     let mut seen: BTreeMap<(SocketAddr, Protocol), &str> = BTreeMap::new();
     for s in out.iter().filter(|s| s.forwarding == Forwarding::Nat) {
         for b in &s.backends {
-            if let Some(other) = seen.insert((b.addr, s.protocol), &s.name) {
-                if other != s.name {
-                    return Err((
-                        format!("services[{}].backends[{}].addr", s.name, b.name),
-                        format!(
-                            "{} is also a nat backend of service {other}; a nat backend address:port answers for one VIP (replies are matched by it): give it another port",
-                            b.addr
-                        ),
-                    ));
-                }
+            if let Some(other) = seen.insert((b.addr, s.protocol), &s.name)
+                && other != s.name
+            {
+                return Err((
+                    format!("services[{}].backends[{}].addr", s.name, b.name),
+                    format!(
+                        "{} is also a nat backend of service {other}; a nat backend address:port answers for one VIP (replies are matched by it): give it another port",
+                        b.addr
+                    ),
+                ));
             }
         }
     }
@@ -564,10 +564,10 @@ fn validate_health(at: &str, h: &HealthSection) -> Result<(), Invalid> {
             return Err((format!("{at}.{name}"), "must be at least 1".into()));
         }
     }
-    if let Some(p) = &h.path {
-        if !p.starts_with('/') {
-            return Err((format!("{at}.path"), format!("{p:?} must start with '/'")));
-        }
+    if let Some(p) = &h.path
+        && !p.starts_with('/')
+    {
+        return Err((format!("{at}.path"), format!("{p:?} must start with '/'")));
     }
     Ok(())
 }

@@ -2,8 +2,8 @@
 //! stays there until it closes (FIN both ways or RST, then a short grace) or idles out.
 
 use zdd_common::{
-    Backend, Config, FlowEntry, FlowKey, PROTO_TCP, ReplyTarget, Service, VipKey,
-    backend_flags, flow_flags,
+    Backend, Config, FlowEntry, FlowKey, PROTO_TCP, ReplyTarget, Service, VipKey, backend_flags,
+    flow_flags,
 };
 
 use crate::{
@@ -115,7 +115,14 @@ pub fn lookup(key: &FlowKey, pkt: &Packet, cfg: &Config, now: u64) -> Lookup {
 
 /// Records a new flow. False when the table refused it.
 #[inline(always)]
-pub fn insert(key: &FlowKey, backend: u16, be: &Backend, svc: &Service, pkt: &Packet, now: u64) -> bool {
+pub fn insert(
+    key: &FlowKey,
+    backend: u16,
+    be: &Backend,
+    svc: &Service,
+    pkt: &Packet,
+    now: u64,
+) -> bool {
     let entry = FlowEntry {
         backend,
         backend_gen: be.generation,

@@ -12,7 +12,10 @@ use aya_ebpf::{
 };
 use zdd_common::{Addr, Backend, Config, FAMILY_V4, NextHop};
 
-use crate::{maps::ZDD_NEXTHOP, parse::{Packet, ptr_at}};
+use crate::{
+    maps::ZDD_NEXTHOP,
+    parse::{Packet, ptr_at},
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;

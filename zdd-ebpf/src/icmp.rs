@@ -12,14 +12,13 @@
 
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use zdd_common::{
-    Addr, Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Stat, VipKey,
-    backend_flags, service_flags,
+    Addr, Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Stat, VipKey, backend_flags,
+    service_flags,
 };
 
 use crate::{
-    csum,
+    csum, flow,
     forward::{self, Hop},
-    flow,
     maps::{ZDD_BACKENDS, ZDD_FLOWS, ZDD_SERVICES},
     nat,
     parse::{Packet, load16, load32, ptr_at},
@@ -237,7 +236,13 @@ fn to_backend(
     if flags & service_flags::DSR == 0 {
         let done = (|| {
             let mut d = rewrite_quoted(ctx, icmp, q, true, &be.addr, be.port)?;
-            let outer = put_addr(ctx, icmp.l3 + if v6 { 24 } else { 16 }, &icmp.dst, &be.addr, v6)?;
+            let outer = put_addr(
+                ctx,
+                icmp.l3 + if v6 { 24 } else { 16 },
+                &icmp.dst,
+                &be.addr,
+                v6,
+            )?;
             if v6 {
                 // ICMPv6's checksum covers the pseudo-header with the outer destination.
                 d += outer;

@@ -8,6 +8,9 @@
 //!   record the flow → rewrite (nat) → next hop → redirect.
 #![no_std]
 #![no_main]
+// Map keys and values are passed by reference: the helpers take pointers, and a by-value
+// argument would only add a stack copy.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod csum;
 mod floor;
@@ -27,8 +30,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use zdd_common::{
-    Addr, Backend, Config, FlowEntry, ReplyTarget, Service, Stat, VipKey, port_flags,
-    service_flags,
+    Addr, Backend, Config, FlowEntry, ReplyTarget, Service, Stat, VipKey, port_flags, service_flags,
 };
 
 use crate::{
@@ -52,10 +54,10 @@ pub fn zdd_xdp(ctx: XdpContext) -> u32 {
             return XDP_PASS;
         }
     };
-    if port_bits(pkt.dport) & port_flags::VIP != 0 {
-        if let Some(verdict) = to_backend(&ctx, &pkt) {
-            return verdict;
-        }
+    if port_bits(pkt.dport) & port_flags::VIP != 0
+        && let Some(verdict) = to_backend(&ctx, &pkt)
+    {
+        return verdict;
     }
     if port_bits(pkt.sport) & port_flags::BACKEND != 0 {
         let backend = VipKey {

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use zdd_common::{
     Backend, Config, Counters, DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, MAX_BACKENDS,
-    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PinKey, PortFlags, ReplyTarget,
-    SLOTS, STAT_COUNT, Selection, Service, ServiceState, VipKey,
+    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PinKey, PortFlags, ReplyTarget, SLOTS,
+    STAT_COUNT, Selection, Service, ServiceState, VipKey,
 };
 
 /// VIP (and, with port 0 and protocol 0, a VIP address) → service.

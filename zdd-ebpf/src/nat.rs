@@ -111,4 +111,3 @@ pub fn decrement_ttl(ctx: &XdpContext, pkt: &Packet) {
         store16(hc, csum::apply(load16(hc), csum::diff16(old, load16(w))));
     }
 }
-

@@ -43,7 +43,10 @@ pub struct Packet {
 pub enum Parsed {
     Packet(Packet),
     /// A fragment (IPv4 MF/offset, IPv6 fragment header), with its destination.
-    Fragment { family: u8, dst: Addr },
+    Fragment {
+        family: u8,
+        dst: Addr,
+    },
     /// ICMP or ICMPv6 (errors about VIP flows are translated, see `icmp`).
     Icmp(Packet),
     /// Not IP, or an IP protocol zdd does not balance.
@@ -110,7 +113,10 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Parsed {
     let dst = [load32(unsafe { ip.add(16) }), 0, 0, 0];
     // MF set or a non-zero offset: a fragment.
     if frag & 0x3fff != 0 {
-        return Parsed::Fragment { family: FAMILY_V4, dst };
+        return Parsed::Fragment {
+            family: FAMILY_V4,
+            dst,
+        };
     }
     if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
         return Parsed::Other;
@@ -150,7 +156,10 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
     };
     let dst = addr(24);
     if next == NEXTHDR_FRAGMENT {
-        return Parsed::Fragment { family: FAMILY_V6, dst };
+        return Parsed::Fragment {
+            family: FAMILY_V6,
+            dst,
+        };
     }
     if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
         return Parsed::Other;

@@ -4,8 +4,8 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use zdd_common::{
-    Backend, MAX_GROUPS, NO_TABLE, PIN_KEY_FIXED_BITS, PinKey, SLOTS, Service, backend_flags,
-    hash, service_flags,
+    Backend, MAX_GROUPS, NO_TABLE, PIN_KEY_FIXED_BITS, PinKey, SLOTS, Service, backend_flags, hash,
+    service_flags,
 };
 
 use crate::{
@@ -20,12 +20,7 @@ fn selection_hash(svc: &Service, pkt: &Packet) -> u32 {
         hash::client_hash(&pkt.src, pkt.family)
     } else {
         hash::flow_hash(
-            &pkt.src,
-            &pkt.dst,
-            pkt.sport,
-            pkt.dport,
-            pkt.proto,
-            pkt.family,
+            &pkt.src, &pkt.dst, pkt.sport, pkt.dport, pkt.proto, pkt.family,
         )
     }
 }
@@ -59,10 +54,10 @@ pub fn select(svc: &Service, pkt: &Packet) -> Option<(u16, &'static Backend)> {
     let h = selection_hash(svc, pkt);
     let sel = ZDD_SELECT.get(svc.id * SLOTS + (svc.slot & 1))?;
     let mut group = *sel.buckets.get(hash::split_bucket(h) as usize)? as u32;
-    if svc.flags & service_flags::HAS_PINS != 0 {
-        if let Some(g) = pinned_group(svc, pkt) {
-            group = g;
-        }
+    if svc.flags & service_flags::HAS_PINS != 0
+        && let Some(g) = pinned_group(svc, pkt)
+    {
+        group = g;
     }
     let table = *sel.tables.get((group as usize) & (MAX_GROUPS - 1))?;
     if table == NO_TABLE {

@@ -29,5 +29,9 @@ fn add(c: Option<*mut Counters>, bytes: u64, new_flow: bool) {
 #[inline(always)]
 pub fn count_flow(service: u32, backend: u16, bytes: u64, new_flow: bool) {
     add(ZDD_SERVICE_STATS.get_ptr_mut(service), bytes, new_flow);
-    add(ZDD_BACKEND_STATS.get_ptr_mut(backend as u32), bytes, new_flow);
+    add(
+        ZDD_BACKEND_STATS.get_ptr_mut(backend as u32),
+        bytes,
+        new_flow,
+    );
 }

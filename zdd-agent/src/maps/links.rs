@@ -147,10 +147,11 @@ impl Dataplane {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(iface) = name.strip_prefix("link_") {
-                if !keep.iter().any(|k| k == iface) && std::fs::remove_file(e.path()).is_ok() {
-                    gone.push(iface.to_string());
-                }
+            if let Some(iface) = name.strip_prefix("link_")
+                && !keep.iter().any(|k| k == iface)
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                gone.push(iface.to_string());
             }
         }
         gone

@@ -507,6 +507,9 @@ impl Dataplane {
         }
     }
 
+    // The tables are passed by reference on purpose: by value they would be copied onto the
+    // stack (a Maglev table is 128 KiB).
+    #[allow(clippy::needless_borrows_for_generic_args)]
     fn write_idle(&mut self, plans: &[Plan]) -> Result<(), DataplaneError> {
         let ncpu = aya::util::nr_cpus()
             .map_err(|(_, e)| DataplaneError::Capacity(format!("cannot count CPUs: {e}")))?;

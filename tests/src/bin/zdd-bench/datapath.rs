@@ -752,8 +752,7 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
         note: String::new(),
     };
     let fwd_entries = count_entries(c.bench.dp, map_names::FLOWS)?;
-    drop(c);
-    drop(bench);
+    // The benchmark's program and maps go before the 1,000,000-flow memory probe loads.
     drop(dp);
 
     let mem = memory(&PathBuf::from(format!("/sys/fs/bpf/zdd-bench-{pid}-mem")))?;

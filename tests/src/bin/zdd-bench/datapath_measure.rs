@@ -80,7 +80,7 @@ pub struct Bench<'a> {
     pub dp: &'a mut Dataplane,
 }
 
-fn prog<'b>(dp: &'b mut Dataplane, p: Prog) -> Result<&'b mut Xdp> {
+fn prog(dp: &mut Dataplane, p: Prog) -> Result<&mut Xdp> {
     Ok(match p {
         Prog::Zdd => dp.program_mut(),
         Prog::Floor => dp.load_floor().context("loading the floor program")?,
