@@ -21,7 +21,7 @@ use crate::{
     forward::{self, Hop},
     maps::{ZDD_BACKENDS, ZDD_FLOWS, ZDD_SERVICES},
     nat,
-    parse::{Packet, load16, load32, ptr_at},
+    parse::{Packet, load_addr6, load16, load32, ptr_at},
     stats::count,
 };
 
@@ -66,18 +66,8 @@ fn quoted(ctx: &XdpContext, icmp: &Packet) -> Option<Quoted> {
         (l3 + ihl, proto, src, dst)
     } else {
         let ip = ptr_at(ctx, l3, 40)?;
-        let a = |o: usize| -> Addr {
-            // SAFETY: within the 40 bytes checked above.
-            let p = unsafe { ip.add(o) };
-            unsafe {
-                [
-                    load32(p),
-                    load32(p.add(4)),
-                    load32(p.add(8)),
-                    load32(p.add(12)),
-                ]
-            }
-        };
+        // SAFETY: within the 40 bytes checked above.
+        let a = |o: usize| load_addr6(unsafe { ip.add(o) });
         (l3 + 40, unsafe { *ip.add(6) }, a(8), a(24))
     };
     if proto != PROTO_TCP && proto != PROTO_UDP {

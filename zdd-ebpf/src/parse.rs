@@ -77,6 +77,30 @@ pub fn load32(p: *const u8) -> u32 {
     unsafe { (p as *const u32).read_unaligned() }
 }
 
+/// An IPv6 address at `p` (16 bytes the caller checked).
+#[inline(always)]
+pub fn load_addr6(p: *const u8) -> Addr {
+    // SAFETY: the caller checked 16 bytes at `p`.
+    unsafe {
+        [
+            load32(p),
+            load32(p.add(4)),
+            load32(p.add(8)),
+            load32(p.add(12)),
+        ]
+    }
+}
+
+/// The IP header fields the transport step carries on.
+struct Ip {
+    l3: usize,
+    family: u8,
+    proto: u8,
+    src: Addr,
+    dst: Addr,
+    ip_len: u16,
+}
+
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Parsed {
     let Some(eth) = ptr_at(ctx, 0, ETH_HLEN) else {
@@ -126,10 +150,18 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Parsed {
         return Parsed::Malformed;
     }
     let src = [load32(unsafe { ip.add(12) }), 0, 0, 0];
+    let hdr = Ip {
+        l3,
+        family: FAMILY_V4,
+        proto,
+        src,
+        dst,
+        ip_len,
+    };
     if proto == PROTO_ICMP {
-        return icmp(ctx, l3, l3 + ihl, FAMILY_V4, proto, src, dst, ip_len);
+        return icmp(ctx, hdr, l3 + ihl);
     }
-    l4(ctx, l3, l3 + ihl, FAMILY_V4, proto, src, dst, ip_len)
+    l4(ctx, hdr, l3 + ihl)
 }
 
 #[inline(always)]
@@ -143,17 +175,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
         return Parsed::Malformed;
     }
     let payload = u16::from_be(load16(unsafe { ip.add(4) }));
-    let addr = |o: usize| -> Addr {
-        let p = unsafe { ip.add(o) };
-        unsafe {
-            [
-                load32(p),
-                load32(p.add(4)),
-                load32(p.add(8)),
-                load32(p.add(12)),
-            ]
-        }
-    };
+    let addr = |o: usize| load_addr6(unsafe { ip.add(o) });
     let dst = addr(24);
     if next == NEXTHDR_FRAGMENT {
         return Parsed::Fragment {
@@ -164,69 +186,46 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
     if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {
         return Parsed::Other;
     }
-    let src = addr(8);
-    if next == PROTO_ICMPV6 {
-        let len = payload.wrapping_add(IPV6_HLEN as u16);
-        return icmp(ctx, l3, l3 + IPV6_HLEN, FAMILY_V6, next, src, dst, len);
-    }
-    l4(
-        ctx,
+    let hdr = Ip {
         l3,
-        l3 + IPV6_HLEN,
-        FAMILY_V6,
-        next,
-        src,
+        family: FAMILY_V6,
+        proto: next,
+        src: addr(8),
         dst,
-        payload.wrapping_add(IPV6_HLEN as u16),
-    )
+        ip_len: payload.wrapping_add(IPV6_HLEN as u16),
+    };
+    if next == PROTO_ICMPV6 {
+        return icmp(ctx, hdr, l3 + IPV6_HLEN);
+    }
+    l4(ctx, hdr, l3 + IPV6_HLEN)
 }
 
 /// An ICMP header: `tcp_flags` carries the type, `sport` the code (no ports in ICMP).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn icmp(
-    ctx: &XdpContext,
-    l3: usize,
-    l4: usize,
-    family: u8,
-    proto: u8,
-    src: Addr,
-    dst: Addr,
-    ip_len: u16,
-) -> Parsed {
+fn icmp(ctx: &XdpContext, ip: Ip, l4: usize) -> Parsed {
     let Some(h) = ptr_at(ctx, l4, ICMP_HLEN) else {
         return Parsed::Malformed;
     };
     // SAFETY: 8 bytes checked above.
     let (kind, code) = unsafe { (*h, *h.add(1)) };
     Parsed::Icmp(Packet {
-        l3,
+        l3: ip.l3,
         l4,
-        family,
-        proto,
-        src,
-        dst,
+        family: ip.family,
+        proto: ip.proto,
+        src: ip.src,
+        dst: ip.dst,
         sport: code as u16,
         dport: 0,
         tcp_flags: kind,
-        ip_len,
+        ip_len: ip.ip_len,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn l4(
-    ctx: &XdpContext,
-    l3: usize,
-    l4: usize,
-    family: u8,
-    proto: u8,
-    src: Addr,
-    dst: Addr,
-    ip_len: u16,
-) -> Parsed {
+fn l4(ctx: &XdpContext, ip: Ip, l4: usize) -> Parsed {
     // Separate checks per protocol: the verifier must see a constant length for each.
-    let (sport, dport, tcp_flags) = if proto == PROTO_TCP {
+    let (sport, dport, tcp_flags) = if ip.proto == PROTO_TCP {
         let Some(h) = ptr_at(ctx, l4, TCP_HLEN) else {
             return Parsed::Malformed;
         };
@@ -243,15 +242,15 @@ fn l4(
         (load16(h), load16(unsafe { h.add(2) }), 0)
     };
     Parsed::Packet(Packet {
-        l3,
+        l3: ip.l3,
         l4,
-        family,
-        proto,
-        src,
-        dst,
+        family: ip.family,
+        proto: ip.proto,
+        src: ip.src,
+        dst: ip.dst,
         sport,
         dport,
         tcp_flags,
-        ip_len,
+        ip_len: ip.ip_len,
     })
 }
