@@ -209,6 +209,20 @@ impl<'a> Agent<'a> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// (packets, bytes, new flows) of a service (`"service"`, by `VIP:port/proto`) or a
+    /// backend (`"backend"`, by `addr:port`), read with `zdd stats`; None if not listed.
+    pub fn counters(&self, kind: &str, what: &str) -> Result<Option<(u64, u64, u64)>> {
+        let out = self.zdd(&["stats"])?;
+        for l in out.lines() {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if w.len() == 8 && w[0] == kind && w[1] == what {
+                let n = |i: usize| w[i].parse::<u64>().with_context(|| format!("in {l:?}"));
+                return Ok(Some((n(3)?, n(5)?, n(7)?)));
+            }
+        }
+        Ok(None)
+    }
+
     /// One data-path counter, read with `zdd stats`.
     pub fn stat(&self, name: &str) -> Result<u64> {
         let out = self.zdd(&["stats"])?;

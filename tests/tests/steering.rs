@@ -56,8 +56,28 @@ fn split_blue_100_sends_every_new_connection_to_blue() {
     let (groups, errors) = new_connections(&lab, 200);
     assert!(errors.is_empty(), "errors: {errors:?}\n{}", agent.log());
     assert_eq!(groups.get("blue"), Some(&200), "answers: {groups:?}");
-    // The data path did the work (not the kernel): 200 new flows were recorded.
+    // The data path did the work (not the kernel): 200 new flows, on blue backends only, are
+    // in the per-service and per-backend counters.
     assert!(agent.stat("new_flow").unwrap() >= 200);
+    let (packets, bytes, flows) = agent
+        .counters("service", &format!("{VIP_V4}:80/tcp"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(flows, 200);
+    assert!(
+        packets >= 200 * 4 && bytes > packets * 54,
+        "{packets} packets {bytes} bytes"
+    );
+    let mut per_group = BTreeMap::new();
+    for b in lab.backends() {
+        let (_, _, f) = agent
+            .counters("backend", &b.http_v4().to_string())
+            .unwrap()
+            .unwrap();
+        *per_group.entry(b.group.clone()).or_insert(0) += f;
+    }
+    assert_eq!(per_group.get("blue"), Some(&200), "{per_group:?}");
+    assert_eq!(per_group.get("green"), Some(&0), "{per_group:?}");
 }
 
 #[test]
