@@ -3,9 +3,11 @@
 //! frame come out, and both are compared byte for byte with what is expected.
 //!
 //! - [`FrameSpec`] builds Ethernet frames (one optional 802.1Q tag; IPv4 with options and
-//!   fragment fields, or IPv6 with an optional fragment header; TCP, UDP or ICMP echo).
+//!   fragment fields, or IPv6 with an optional fragment header; TCP, UDP, ICMP echo, or an
+//!   ICMP / ICMPv6 error quoting a packet: [`FrameSpec::icmp_error`], [`quote`]).
 //! - [`parse`] reads a frame back, independently of the data path, and [`verify`] checks that
-//!   it is whole and that every checksum is right.
+//!   it is whole and that every checksum is right (for ICMP errors also the ICMP/ICMPv6
+//!   checksum and the quoted IPv4 header's checksum).
 //!
 //! Checksums are computed here in full, from the definitions (RFC 1071 sum; IPv4 header RFC 791;
 //! TCP RFC 793 and UDP RFC 768 with the IPv4 pseudo-header; RFC 8200 §8.1 for the IPv6
@@ -35,6 +37,24 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_FRAGMENT: u8 = 44;
 pub const PROTO_ICMPV6: u8 = 58;
+
+/// ICMP types (RFC 792) and the codes the fixtures use.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_SOURCE_QUENCH: u8 = 4;
+pub const ICMP_REDIRECT: u8 = 5;
+pub const ICMP_ECHO: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROB: u8 = 12;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 types (RFC 4443).
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PKT_TOOBIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEED: u8 = 3;
+pub const ICMPV6_PARAMPROB: u8 = 4;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -130,6 +150,17 @@ pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, segment: &[u8]) -> u16 {
     }
 }
 
+/// The checksum field value for an ICMP message (RFC 792: the message alone) or ICMPv6 message
+/// (RFC 4443 §2.3: with the IPv6 pseudo-header) whose checksum field is zero.
+pub fn icmp_checksum(src: IpAddr, dst: IpAddr, message: &[u8]) -> u16 {
+    let acc = if src.is_ipv6() {
+        pseudo_sum(src, dst, PROTO_ICMPV6, message.len())
+    } else {
+        0
+    };
+    !fold(sum_words(message, acc))
+}
+
 /// True when the segment (checksum field included) sums to all ones with its pseudo-header.
 pub fn l4_checksum_ok(src: IpAddr, dst: IpAddr, proto: u8, segment: &[u8]) -> bool {
     fold(sum_words(
@@ -149,6 +180,46 @@ pub struct V6Frag {
     pub offset: u16,
     pub more: bool,
     pub id: u32,
+}
+
+/// The body of an ICMP / ICMPv6 error (RFC 792, RFC 4443 §3): type, code, the 32 bits after
+/// the checksum (unused, next-hop MTU, pointer), then the quoted packet (an IP packet, usually
+/// cut short; see [`quote`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpError {
+    pub kind: u8,
+    pub code: u8,
+    pub rest: u32,
+    pub quoted: Vec<u8>,
+}
+
+/// The first `transport_bytes` bytes after the IP header of `ip_packet` (an IPv4 datagram with
+/// its options, or an IPv6 packet whose transport header follows the fixed header), with that
+/// header: what an ICMP error quotes. `None` quotes the whole packet. RFC 792 routers quote 8.
+pub fn quote(ip_packet: &[u8], transport_bytes: Option<usize>) -> Vec<u8> {
+    let hlen = match ip_packet[0] >> 4 {
+        4 => (ip_packet[0] & 0xf) as usize * 4,
+        _ => 40,
+    };
+    let n = transport_bytes.map_or(ip_packet.len(), |t| (hlen + t).min(ip_packet.len()));
+    ip_packet[..n].to_vec()
+}
+
+/// Offset, inside a quoted IPv4/IPv6 packet (as [`quote`] returns it), of its TCP or UDP
+/// checksum field, if the quote reaches the whole field.
+pub fn quoted_l4_checksum_at(quoted: &[u8]) -> Option<usize> {
+    let (hlen, proto) = match quoted.first()? >> 4 {
+        4 if quoted.len() >= 20 => ((quoted[0] & 0xf) as usize * 4, quoted[9]),
+        6 if quoted.len() >= 40 => (40, quoted[6]),
+        _ => return None,
+    };
+    let at = hlen
+        + match proto {
+            PROTO_TCP => 16,
+            PROTO_UDP => 6,
+            _ => return None,
+        };
+    (at + 2 <= quoted.len()).then_some(at)
 }
 
 /// Everything of a frame that a fixture may want to set. Build with [`FrameSpec::build`].
@@ -184,6 +255,9 @@ pub struct FrameSpec {
     /// IPv4 UDP only: send checksum 0 ("not computed").
     pub udp_no_checksum: bool,
     pub payload: Vec<u8>,
+    /// ICMP / ICMPv6 only: an error message instead of an echo request (then `sport`, `dport`
+    /// and `payload` are not used).
+    pub icmp_error: Option<IcmpError>,
 }
 
 /// MACs the builder uses unless told otherwise.
@@ -216,6 +290,7 @@ impl FrameSpec {
             flow_label: 0x12345,
             udp_no_checksum: false,
             payload: b"zdd fixture payload".to_vec(),
+            icmp_error: None,
         }
     }
 
@@ -236,6 +311,61 @@ impl FrameSpec {
             PROTO_ICMPV6
         };
         Self::new(proto, SocketAddr::new(src, 0x77), SocketAddr::new(dst, 1))
+    }
+
+    /// An ICMP (IPv4) or ICMPv6 error from `src` to `dst` quoting `quoted` (see [`quote`]).
+    pub fn icmp_error(
+        src: IpAddr,
+        dst: IpAddr,
+        kind: u8,
+        code: u8,
+        rest: u32,
+        quoted: &[u8],
+    ) -> Self {
+        let mut s = Self::icmp_echo(src, dst);
+        s.icmp_error = Some(IcmpError {
+            kind,
+            code,
+            rest,
+            quoted: quoted.to_vec(),
+        });
+        s
+    }
+
+    /// ICMP destination unreachable, fragmentation needed (type 3 code 4), next-hop MTU `mtu`.
+    pub fn frag_needed(src: IpAddr, dst: IpAddr, mtu: u16, quoted: &[u8]) -> Self {
+        Self::icmp_error(
+            src,
+            dst,
+            ICMP_DEST_UNREACH,
+            ICMP_FRAG_NEEDED,
+            mtu as u32,
+            quoted,
+        )
+    }
+
+    /// ICMPv6 packet too big (type 2), MTU `mtu`.
+    pub fn packet_too_big(src: IpAddr, dst: IpAddr, mtu: u32, quoted: &[u8]) -> Self {
+        Self::icmp_error(src, dst, ICMPV6_PKT_TOOBIG, 0, mtu, quoted)
+    }
+
+    /// ICMP time exceeded (type 11) or ICMPv6 time exceeded (type 3), in transit (code 0).
+    pub fn time_exceeded(src: IpAddr, dst: IpAddr, quoted: &[u8]) -> Self {
+        let kind = if src.is_ipv4() {
+            ICMP_TIME_EXCEEDED
+        } else {
+            ICMPV6_TIME_EXCEED
+        };
+        Self::icmp_error(src, dst, kind, 0, 0, quoted)
+    }
+
+    /// Replaces the quoted packet of an ICMP error.
+    pub fn quoted(mut self, q: &[u8]) -> Self {
+        self.icmp_error
+            .as_mut()
+            .expect("quoted(): not an ICMP error")
+            .quoted = q.to_vec();
+        self
     }
 
     pub fn macs(mut self, src: Mac, dst: Mac) -> Self {
@@ -342,11 +472,17 @@ impl FrameSpec {
                 }
             }
             PROTO_ICMP | PROTO_ICMPV6 => {
-                let echo = if self.proto == PROTO_ICMP { 8 } else { 128 };
-                s.extend_from_slice(&[echo, 0, 0, 0]);
-                s.extend_from_slice(&self.sport.to_be_bytes());
-                s.extend_from_slice(&self.dport.to_be_bytes());
-                s.extend_from_slice(&self.payload);
+                if let Some(e) = &self.icmp_error {
+                    s.extend_from_slice(&[e.kind, e.code, 0, 0]);
+                    s.extend_from_slice(&e.rest.to_be_bytes());
+                    s.extend_from_slice(&e.quoted);
+                } else {
+                    let echo = if self.proto == PROTO_ICMP { 8 } else { 128 };
+                    s.extend_from_slice(&[echo, 0, 0, 0]);
+                    s.extend_from_slice(&self.sport.to_be_bytes());
+                    s.extend_from_slice(&self.dport.to_be_bytes());
+                    s.extend_from_slice(&self.payload);
+                }
                 // ICMP sums the message alone (RFC 792); ICMPv6 adds the pseudo-header (RFC 4443).
                 let c = if self.proto == PROTO_ICMP {
                     !fold(sum_words(&s, 0))
@@ -361,6 +497,13 @@ impl FrameSpec {
             _ => s.extend_from_slice(&self.payload),
         }
         s
+    }
+
+    /// The IP packet alone (the frame without its Ethernet header and tag): what an ICMP error
+    /// about this packet quotes (see [`quote`]).
+    pub fn ip_packet(&self) -> Vec<u8> {
+        let f = self.build();
+        f[ETH_HLEN + if self.vlan.is_some() { 4 } else { 0 }..].to_vec()
     }
 
     /// The whole frame.
@@ -491,6 +634,74 @@ pub struct Transport {
     pub checksum_ok: Option<bool>,
 }
 
+/// The packet quoted in an ICMP / ICMPv6 error, read as far as the quote goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quoted {
+    /// Frame offset of the quoted IP header.
+    pub off: usize,
+    /// Bytes quoted: up to the end of the ICMP message as the outer IP length gives it (or of
+    /// the frame, when that length does not fit it).
+    pub len: usize,
+    /// IPv4: the header length (IHL × 4); IPv6: 40.
+    pub hlen: usize,
+    /// IPv4 protocol, or IPv6 next header.
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub ttl: u8,
+    /// IPv4 flags and fragment offset (0 for IPv6).
+    pub frag: u16,
+    /// Frame offset of the quoted transport header (the quote may end before it).
+    pub l4_off: usize,
+    /// TCP/UDP source and destination ports, when the quote reaches them.
+    pub ports: Option<(u16, u16)>,
+    /// IPv4 header checksum verdict, when the whole quoted header is quoted (None for IPv6).
+    pub header_checksum_ok: Option<bool>,
+}
+
+impl Quoted {
+    pub fn src_sock(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(self.src, self.ports?.0))
+    }
+    pub fn dst_sock(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(self.dst, self.ports?.1))
+    }
+}
+
+/// An ICMP or ICMPv6 message (not a fragment).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Icmp {
+    /// Frame offset of the ICMP header.
+    pub off: usize,
+    pub kind: u8,
+    pub code: u8,
+    pub checksum: u16,
+    /// The 32 bits after the checksum.
+    pub rest: u32,
+    /// Checksum verdict (ICMPv6 with its pseudo-header): None when the IP length fields do not
+    /// fit the frame (nothing to sum over).
+    pub checksum_ok: Option<bool>,
+    /// An error message (RFC 792 types 3, 4, 5, 11, 12; RFC 4443 types below 128): its quoted
+    /// packet, when at least a whole fixed IP header of the right version is quoted.
+    pub quoted: Option<Quoted>,
+}
+
+/// Whether an ICMP (`v6` false) or ICMPv6 type is an error message that quotes a packet.
+pub fn icmp_type_is_error(kind: u8, v6: bool) -> bool {
+    if v6 {
+        kind < 128
+    } else {
+        matches!(
+            kind,
+            ICMP_DEST_UNREACH
+                | ICMP_SOURCE_QUENCH
+                | ICMP_REDIRECT
+                | ICMP_TIME_EXCEEDED
+                | ICMP_PARAMETER_PROB
+        )
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Packet {
     pub dst_mac: Mac,
@@ -502,6 +713,8 @@ pub struct Packet {
     pub net: Net,
     /// TCP or UDP, not a fragment.
     pub transport: Option<Transport>,
+    /// ICMP (in IPv4) or ICMPv6 (in IPv6), not a fragment.
+    pub icmp: Option<Icmp>,
     /// The IP length fields fit inside the frame (an Ethernet pad after them is fine), and for
     /// UDP the UDP length equals the IP payload length.
     pub lengths_ok: bool,
@@ -570,7 +783,18 @@ impl Packet {
             },
             None => true,
         };
-        ip && l4
+        let icmp = self.icmp.as_ref().is_none_or(|i| {
+            i.checksum_ok != Some(false)
+                && i.quoted
+                    .as_ref()
+                    .is_none_or(|q| q.header_checksum_ok != Some(false))
+        });
+        ip && l4 && icmp
+    }
+
+    /// The quoted packet, if this is an ICMP error that quotes one.
+    pub fn quoted(&self) -> Option<&Quoted> {
+        self.icmp.as_ref()?.quoted.as_ref()
     }
 
     pub fn is_udp_v4_no_checksum(&self) -> bool {
@@ -625,6 +849,7 @@ pub fn parse(f: &[u8]) -> Result<Packet, String> {
         l3,
         net: Net::NotIp,
         transport: None,
+        icmp: None,
         lengths_ok: true,
     };
     let (l4_off, l4_len, src, dst, proto) = match ethertype {
@@ -760,9 +985,93 @@ pub fn parse(f: &[u8]) -> Result<Packet, String> {
                 checksum_ok,
             });
         }
+        PROTO_ICMP | PROTO_ICMPV6 if (proto == PROTO_ICMPV6) == src.is_ipv6() => {
+            need(f, l4_off, 8, "ICMP header")?;
+            if l4_len.is_some_and(|n| n < 8) {
+                p.lengths_ok = false;
+            }
+            // An IP length with no room for the ICMP message: what follows is trailer, so
+            // nothing is quoted.
+            let no_room = l4_len.is_some_and(|n| n < 8);
+            let l4_len = l4_len.filter(|&n| n >= 8);
+            let end = l4_len.map_or(f.len(), |n| l4_off + n);
+            let msg = &f[l4_off..end];
+            let checksum_ok = l4_len.map(|_| {
+                let acc = if src.is_ipv6() {
+                    pseudo_sum(src, dst, PROTO_ICMPV6, msg.len())
+                } else {
+                    0
+                };
+                fold(sum_words(msg, acc)) == 0xffff
+            });
+            let kind = f[l4_off];
+            let quoted = if icmp_type_is_error(kind, src.is_ipv6()) && !no_room {
+                parse_quote(f, l4_off + 8, end, src.is_ipv6())
+            } else {
+                None
+            };
+            p.icmp = Some(Icmp {
+                off: l4_off,
+                kind,
+                code: f[l4_off + 1],
+                checksum: be16(f, l4_off + 2),
+                rest: u32::from_be_bytes([
+                    f[l4_off + 4],
+                    f[l4_off + 5],
+                    f[l4_off + 6],
+                    f[l4_off + 7],
+                ]),
+                checksum_ok,
+                quoted,
+            });
+        }
         _ => {}
     }
     Ok(p)
+}
+
+/// The packet quoted at `off` (up to `end`) by an ICMP error of the family `v6` says.
+fn parse_quote(f: &[u8], off: usize, end: usize, v6: bool) -> Option<Quoted> {
+    let q = f.get(off..end)?;
+    let (hlen, proto, src, dst, ttl, frag) = if v6 {
+        if q.len() < 40 || q[0] >> 4 != 6 {
+            return None;
+        }
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&q[8..24]);
+        let src = IpAddr::V6(Ipv6Addr::from(a));
+        a.copy_from_slice(&q[24..40]);
+        (40, q[6], src, IpAddr::V6(Ipv6Addr::from(a)), q[7], 0)
+    } else {
+        if q.len() < 20 || q[0] >> 4 != 4 || q[0] & 0xf < 5 {
+            return None;
+        }
+        (
+            (q[0] & 0xf) as usize * 4,
+            q[9],
+            IpAddr::from([q[12], q[13], q[14], q[15]]),
+            IpAddr::from([q[16], q[17], q[18], q[19]]),
+            q[8],
+            be16(q, 6),
+        )
+    };
+    let ports = (matches!(proto, PROTO_TCP | PROTO_UDP) && q.len() >= hlen + 4)
+        .then(|| (be16(q, hlen), be16(q, hlen + 2)));
+    let header_checksum_ok =
+        (!v6 && q.len() >= hlen).then(|| fold(sum_words(&q[..hlen], 0)) == 0xffff);
+    Some(Quoted {
+        off,
+        len: q.len(),
+        hlen,
+        proto,
+        src,
+        dst,
+        ttl,
+        frag,
+        l4_off: off + hlen,
+        ports,
+        header_checksum_ok,
+    })
 }
 
 /// Parses and insists on a whole, consistent frame whose every checksum is right.
@@ -804,6 +1113,35 @@ pub fn verify(f: &[u8]) -> Result<Packet, String> {
             t.checksum,
             l4_checksum(src, dst, t.proto, &seg)
         ));
+    }
+    if let Some(i) = &p.icmp {
+        if i.checksum_ok == Some(false) {
+            let end = match &p.net {
+                Net::V4(h) => p.l3 + h.tot_len as usize,
+                Net::V6(h) => p.l3 + 40 + h.payload_len as usize,
+                Net::NotIp => unreachable!(),
+            };
+            let mut msg = f[i.off..end].to_vec();
+            msg[2] = 0;
+            msg[3] = 0;
+            let want = icmp_checksum(p.src_ip().unwrap(), p.dst_ip().unwrap(), &msg);
+            return Err(format!(
+                "ICMP checksum wrong (field {:#06x}, should be {want:#06x})",
+                i.checksum
+            ));
+        }
+        if let Some(q) = &i.quoted
+            && q.header_checksum_ok == Some(false)
+        {
+            let mut h = f[q.off..q.off + q.hlen].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            return Err(format!(
+                "quoted IPv4 header checksum wrong (field {:#06x}, should be {:#06x})",
+                be16(f, q.off + 10),
+                ipv4_header_checksum(&h)
+            ));
+        }
     }
     Ok(p)
 }
@@ -983,5 +1321,61 @@ mod tests {
         }
         let p = verify(&FrameSpec::udp(c4, v4).udp_no_checksum().build()).unwrap();
         assert!(p.is_udp_v4_no_checksum());
+    }
+
+    #[test]
+    fn icmp_errors_verify_and_parse_back() {
+        let c4: SocketAddr = "10.0.1.2:40000".parse().unwrap();
+        let v4: SocketAddr = "10.0.100.1:80".parse().unwrap();
+        let c6: SocketAddr = "[fd00:1::2]:40000".parse().unwrap();
+        let v6: SocketAddr = "[fd00:100::1]:53".parse().unwrap();
+        let r4: IpAddr = "10.0.1.254".parse().unwrap();
+        let r6: IpAddr = "fd00:1::fe".parse().unwrap();
+        let q4 = FrameSpec::tcp(v4, c4)
+            .ipv4_options(&[1, 1, 1, 1])
+            .ip_packet();
+        let q6 = FrameSpec::udp(v6, c6).payload(b"odd").ip_packet();
+        for (spec, quoted) in [
+            (
+                FrameSpec::frag_needed(r4, v4.ip(), 1400, &quote(&q4, Some(8))),
+                &q4,
+            ),
+            (FrameSpec::time_exceeded(r4, v4.ip(), &q4).vlan(3), &q4),
+            (FrameSpec::packet_too_big(r6, v6.ip(), 1280, &q6), &q6),
+            (
+                FrameSpec::time_exceeded(r6, v6.ip(), &quote(&q6, Some(4))),
+                &q6,
+            ),
+        ] {
+            let f = spec.build();
+            let p = verify(&f).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+            let i = p.icmp.as_ref().expect("ICMP");
+            assert_eq!(i.kind, spec.icmp_error.as_ref().unwrap().kind);
+            let q = i.quoted.as_ref().expect("quoted packet");
+            assert_eq!(q.src_sock(), Some(if q.src.is_ipv4() { v4 } else { v6 }));
+            assert_eq!(q.dst_sock(), Some(if q.src.is_ipv4() { c4 } else { c6 }));
+            assert_eq!(&f[q.off..q.off + q.len], &quoted[..q.len]);
+            assert_eq!(q.header_checksum_ok, q.src.is_ipv4().then_some(true));
+            // A flipped bit in the quote breaks the ICMP checksum; in the quoted IPv4 header,
+            // the quoted header checksum as well.
+            let mut g = f.clone();
+            g[q.off + 13] ^= 0x04;
+            assert!(verify(&g).is_err());
+            if q.src.is_ipv4() {
+                let p = parse(&g).unwrap();
+                assert_eq!(p.quoted().unwrap().header_checksum_ok, Some(false));
+            }
+        }
+        // ICMPv6 sums the pseudo-header: a changed outer destination is caught.
+        let mut f = FrameSpec::packet_too_big(r6, v6.ip(), 1280, &q6).build();
+        f[14 + 39] ^= 1;
+        assert_eq!(parse(&f).unwrap().icmp.unwrap().checksum_ok, Some(false));
+        // An echo quotes nothing.
+        let p = verify(&FrameSpec::icmp_echo(r4, v4.ip()).build()).unwrap();
+        assert!(p.icmp.unwrap().quoted.is_none());
+        // The quoted transport checksum field is found where it lies.
+        assert_eq!(quoted_l4_checksum_at(&q4), Some(24 + 16));
+        assert_eq!(quoted_l4_checksum_at(&quote(&q4, Some(8))), None);
+        assert_eq!(quoted_l4_checksum_at(&q6), Some(40 + 6));
     }
 }

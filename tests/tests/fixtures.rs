@@ -622,6 +622,7 @@ fn run_all(lab: &Lab) -> Vec<(String, R)> {
     selection(&mut fx);
     next_hops(&mut fx);
     removed_backend(&mut fx);
+    icmp_errors(&mut fx);
     fx.results
 }
 
@@ -1501,4 +1502,759 @@ fn removed_backend(fx: &mut Fx) {
         let want = fx.reply_out(&rep, sa(RM4));
         fx.expect(&rep.build(), ib, XDP_REDIRECT, &want, REVERSE)
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// ICMP / ICMPv6 errors about VIP flows (icmp.rs).
+// ---------------------------------------------------------------------------------------------
+
+/// Routers that send errors: on the clients' side (errors about what the VIP sent) and on the
+/// backends' side (errors about what a client sent, after translation).
+const ROUTER4_C: &str = "10.0.1.254";
+const ROUTER6_C: &str = "fd00:1::fe";
+const ROUTER4_B: &str = "10.0.2.254";
+const ROUTER6_B: &str = "fd00:2::fe";
+
+const ICMP_FWD: &[(Stat, u64)] = &[(Stat::IcmpTranslated, 1), (Stat::Forward, 1)];
+const ICMP_BACK: &[(Stat, u64)] = &[(Stat::IcmpTranslated, 1)];
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// How a fixture's error quotes its packet: `None` whole, or this many transport bytes.
+type QuoteLen = Option<usize>;
+
+/// The quote of `translated` (what a router saw) and what zdd must make of it: the quote of
+/// `original` (the same packet before or after zdd's nat), with the transport checksum left as
+/// it was quoted (zdd puts addresses and ports back, and patches the quoted IPv4 header
+/// checksum and the ICMP checksum; the quoted TCP/UDP checksum is not touched).
+fn quotes(translated: &FrameSpec, original: &FrameSpec, len: QuoteLen) -> (Vec<u8>, Vec<u8>) {
+    let q_in = quote(&translated.ip_packet(), len);
+    let mut q_out = quote(&original.ip_packet(), len);
+    if let Some(at) = quoted_l4_checksum_at(&q_in) {
+        q_out[at..at + 2].copy_from_slice(&q_in[at..at + 2]);
+    }
+    (q_in, q_out)
+}
+
+/// The output of a translated error must carry right checksums, and the verifier must have been
+/// able to check them all (ICMP/ICMPv6 with its pseudo-header; the quoted IPv4 header whenever
+/// the quote holds all of it).
+fn icmp_checksums_checked(out: &[u8]) -> R {
+    let p = verify(out).map_err(|e| format!("output does not verify: {e}"))?;
+    let i = p.icmp.as_ref().ok_or("output: no ICMP message")?;
+    ensure(i.checksum_ok == Some(true), || {
+        format!("ICMP checksum not checked/right: {:?}", i.checksum_ok)
+    })?;
+    if let Some(q) = &i.quoted
+        && q.src.is_ipv4()
+        && q.len >= q.hlen
+    {
+        ensure(q.header_checksum_ok == Some(true), || {
+            "quoted IPv4 header checksum not right".into()
+        })?;
+    }
+    Ok(())
+}
+
+impl Fx<'_> {
+    /// Opens a flow `client` → `vip` (its first packet goes to the backend).
+    fn open(
+        &mut self,
+        proto: u8,
+        client: SocketAddr,
+        vip: SocketAddr,
+    ) -> Result<FrameSpec, String> {
+        let s = self.client_frame(proto, client, vip);
+        self.run(&s.build(), self.if_c, XDP_REDIRECT, NEW_FWD)
+            .map_err(|e| format!("opening the flow: {e}"))?;
+        Ok(s)
+    }
+
+    /// What the VIP sent to `client` on a nat flow (as a router past the edge saw it) and the
+    /// backend's original of it.
+    fn vip_reply(
+        &self,
+        proto: u8,
+        client: SocketAddr,
+        vip: SocketAddr,
+        backend: SocketAddr,
+        tweak: impl Fn(FrameSpec) -> FrameSpec,
+    ) -> (FrameSpec, FrameSpec) {
+        let original = tweak(self.backend_frame(proto, backend, client)).ttl(63);
+        (original.clone().src(vip), original)
+    }
+
+    /// An error about a reply of the nat flow `client` → `vip` (pinned to `backend`), sent by
+    /// `err(outer destination, quote)` to the VIP: it must go to the backend with the outer
+    /// destination and the quoted source put back, TTL − 1, MACs of the backend's next hop.
+    #[allow(clippy::too_many_arguments)]
+    fn icmp_nat_to_backend(
+        &mut self,
+        proto: u8,
+        client: SocketAddr,
+        vip: SocketAddr,
+        backend: SocketAddr,
+        len: QuoteLen,
+        tweak: impl Fn(FrameSpec) -> FrameSpec,
+        err: impl Fn(IpAddr, &[u8]) -> FrameSpec,
+    ) -> R {
+        self.open(proto, client, vip)?;
+        let (sent, original) = self.vip_reply(proto, client, vip, backend, tweak);
+        let (q_in, q_out) = quotes(&sent, &original, len);
+        let input = err(vip.ip(), &q_in).macs(CLIENT_MAC, self.mac_c);
+        let want = err(backend.ip(), &q_out)
+            .ttl(input.ttl - 1)
+            .macs(self.mac_b, neigh_mac(backend.ip()))
+            .build();
+        let out = self.run(&input.build(), self.if_c, XDP_REDIRECT, ICMP_FWD)?;
+        same(&want, &out)?;
+        icmp_checksums_checked(&out)
+    }
+
+    /// An error about what `client` sent on its nat flow to `vip` (after translation, to
+    /// `backend`), from `err(quote)` on the backends' side: the quoted destination gets the VIP
+    /// back, and the kernel forwards it (XDP_PASS).
+    fn icmp_nat_to_client(
+        &mut self,
+        proto: u8,
+        client: SocketAddr,
+        vip: SocketAddr,
+        backend: SocketAddr,
+        len: QuoteLen,
+        err: impl Fn(&[u8]) -> FrameSpec,
+    ) -> R {
+        let fwd = self.open(proto, client, vip)?.ttl(63);
+        let (q_in, q_out) = quotes(&fwd.clone().dst(backend), &fwd, len);
+        let input = err(&q_in).build();
+        let want = err(&q_out).build();
+        let out = self.run(&input, self.if_b, XDP_PASS, ICMP_BACK)?;
+        same(&want, &out)?;
+        icmp_checksums_checked(&out)
+    }
+
+    /// The error from a clients'-side router to the VIP address, MACs client → edge.
+    fn to_vip(&self, spec: FrameSpec) -> FrameSpec {
+        spec.macs(CLIENT_MAC, self.mac_c)
+    }
+}
+
+fn icmp_errors(fx: &mut Fx) {
+    let (ic, ib) = (fx.if_c, fx.if_b);
+    let r4c = ip(ROUTER4_C);
+    let r6c = ip(ROUTER6_C);
+    let mb = fx.mac_b;
+
+    // Towards the backend, nat.
+    fx.case("icmp_v4_frag_needed_tcp_nat_to_backend", |fx| {
+        // RFC 792 quote: IP header and the first 8 bytes of TCP.
+        let p = fx.port();
+        fx.icmp_nat_to_backend(
+            PROTO_TCP,
+            c4(p),
+            sa(WEB4),
+            sa(WEB4_BLUE),
+            Some(8),
+            |r| r,
+            |dst, q| FrameSpec::frag_needed(r4c, dst, 1400, q),
+        )
+    });
+    fx.case("icmp_v4_frag_needed_udp_nat_to_backend_whole_quote", |fx| {
+        let p = fx.port();
+        fx.icmp_nat_to_backend(
+            PROTO_UDP,
+            c4(p),
+            sa(DNS4),
+            sa(DNS4_BE),
+            None,
+            |r| r.payload(b"a long enough answer, odd"),
+            |dst, q| FrameSpec::frag_needed(r4c, dst, 1280, q),
+        )
+    });
+    fx.case("icmp_v6_packet_too_big_tcp_nat_to_backend", |fx| {
+        // The ICMPv6 checksum covers the pseudo-header: the outer destination change counts.
+        let p = fx.port();
+        fx.icmp_nat_to_backend(
+            PROTO_TCP,
+            c6(p),
+            sa(WEB6),
+            sa(WEB6_BE),
+            None,
+            |r| r.flags(TCP_ACK).payload(b"HTTP/1.1 200 OK\r\n"),
+            |dst, q| FrameSpec::packet_too_big(r6c, dst, 1280, q),
+        )
+    });
+    fx.case("icmp_v6_packet_too_big_udp_nat_to_backend", |fx| {
+        let p = fx.port();
+        fx.icmp_nat_to_backend(
+            PROTO_UDP,
+            c6(p),
+            sa(DNS6),
+            sa(DNS6_BE),
+            None,
+            |r| r.payload(b"odd"),
+            |dst, q| FrameSpec::packet_too_big(r6c, dst, 1400, q),
+        )
+    });
+    fx.case("icmp_v4_time_exceeded_tcp_nat_to_backend", |fx| {
+        let p = fx.port();
+        fx.icmp_nat_to_backend(
+            PROTO_TCP,
+            c4(p),
+            sa(WEB4),
+            sa(WEB4_BLUE),
+            None,
+            |r| r.flags(TCP_ACK).payload(b"x"),
+            |dst, q| FrameSpec::time_exceeded(r4c, dst, q),
+        )
+    });
+    fx.case("icmp_v6_time_exceeded_udp_nat_to_backend", |fx| {
+        let p = fx.port();
+        fx.icmp_nat_to_backend(
+            PROTO_UDP,
+            c6(p),
+            sa(DNS6),
+            sa(DNS6_BE),
+            Some(8),
+            |r| r,
+            |dst, q| FrameSpec::time_exceeded(r6c, dst, q),
+        )
+    });
+    fx.case("icmp_v4_frag_needed_vlan_nat_to_backend_tag_kept", |fx| {
+        let p = fx.port();
+        fx.icmp_nat_to_backend(
+            PROTO_TCP,
+            c4(p),
+            sa(WEB4),
+            sa(WEB4_BLUE),
+            Some(8),
+            |r| r,
+            |dst, q| FrameSpec::frag_needed(r4c, dst, 1400, q).vlan(0x3064),
+        )
+    });
+    fx.case(
+        "icmp_v6_packet_too_big_vlan_nat_to_backend_tag_kept",
+        |fx| {
+            let p = fx.port();
+            fx.icmp_nat_to_backend(
+                PROTO_TCP,
+                c6(p),
+                sa(WEB6),
+                sa(WEB6_BE),
+                Some(8),
+                |r| r,
+                |dst, q| FrameSpec::packet_too_big(r6c, dst, 1280, q).vlan(42),
+            )
+        },
+    );
+    fx.case(
+        "icmp_v4_frag_needed_quoting_ipv4_options_nat_to_backend",
+        |fx| {
+            // Quoted header of IHL 8: the ports and the quoted checksum follow the options.
+            let p = fx.port();
+            fx.icmp_nat_to_backend(
+                PROTO_TCP,
+                c4(p),
+                sa(WEB4),
+                sa(WEB4_BLUE),
+                None,
+                |r| r.ipv4_options(&[1, 1, 1, 7, 7, 4, 0, 0, 0, 0]),
+                |dst, q| FrameSpec::frag_needed(r4c, dst, 1400, q),
+            )
+        },
+    );
+    fx.case(
+        "icmp_v4_frag_needed_outer_ipv4_options_nat_to_backend",
+        |fx| {
+            let p = fx.port();
+            fx.icmp_nat_to_backend(
+                PROTO_UDP,
+                c4(p),
+                sa(DNS4),
+                sa(DNS4_BE),
+                None,
+                |r| r.ipv4_options(&[0x94, 4, 0, 0]),
+                |dst, q| FrameSpec::frag_needed(r4c, dst, 1400, q).ipv4_options(&[1; 40]),
+            )
+        },
+    );
+    fx.case("icmp_v4_frag_needed_icmp_checksum_0000_edge", |fx| {
+        // An MTU that makes the translated ICMP message sum to all ones: the right field is
+        // 0x0000 (an incremental update must not leave 0xffff there).
+        let p = fx.port();
+        fx.open(PROTO_UDP, c4(p), sa(DNS4))?;
+        let (sent, orig) = fx.vip_reply(PROTO_UDP, c4(p), sa(DNS4), sa(DNS4_BE), |r| r);
+        let (q_in, q_out) = quotes(&sent, &orig, None);
+        let be = sa(DNS4_BE).ip();
+        let want = |mtu| {
+            FrameSpec::frag_needed(r4c, be, mtu, &q_out)
+                .ttl(63)
+                .macs(mb, neigh_mac(be))
+                .build()
+        };
+        let mtu = (0..=u16::MAX)
+            .find(|&m| want(m)[14 + 20 + 2..14 + 20 + 4] == [0, 0])
+            .ok_or("no MTU gives ICMP checksum 0")?;
+        let input = fx.to_vip(FrameSpec::frag_needed(r4c, sa(DNS4).ip(), mtu, &q_in));
+        let out = fx.run(&input.build(), ic, XDP_REDIRECT, ICMP_FWD)?;
+        same(&want(mtu), &out)?;
+        icmp_checksums_checked(&out)
+    });
+
+    // Towards the backend, dsr: only the MACs change.
+    fx.case("icmp_v4_frag_needed_dsr_to_backend_only_macs", |fx| {
+        let p = fx.port();
+        fx.open(PROTO_TCP, c4(p), sa(DSR4))?;
+        // A dsr backend answers from the VIP itself.
+        let sent = fx.backend_frame(PROTO_TCP, sa(DSR4), c4(p)).ttl(63);
+        let input = fx.to_vip(FrameSpec::frag_needed(
+            r4c,
+            sa(DSR4).ip(),
+            1400,
+            &quote(&sent.ip_packet(), None),
+        ));
+        let want = input
+            .clone()
+            .macs(fx.mac_b, neigh_mac(sa(DSR4_BE).ip()))
+            .build();
+        let out = fx.run(&input.build(), ic, XDP_REDIRECT, ICMP_FWD)?;
+        same(&want, &out)?;
+        icmp_checksums_checked(&out)
+    });
+    fx.case("icmp_v6_packet_too_big_dsr_to_backend_only_macs", |fx| {
+        let p = fx.port();
+        fx.open(PROTO_TCP, c6(p), sa(DSR6))?;
+        let sent = fx.backend_frame(PROTO_TCP, sa(DSR6), c6(p)).ttl(63);
+        let input = fx.to_vip(FrameSpec::packet_too_big(
+            r6c,
+            sa(DSR6).ip(),
+            1280,
+            &quote(&sent.ip_packet(), None),
+        ));
+        let want = input
+            .clone()
+            .macs(fx.mac_b, neigh_mac(sa(DSR6_BE).ip()))
+            .build();
+        let out = fx.run(&input.build(), ic, XDP_REDIRECT, ICMP_FWD)?;
+        same(&want, &out)?;
+        icmp_checksums_checked(&out)
+    });
+
+    // Towards the client: the quoted destination gets the VIP back.
+    fx.case("icmp_v4_frag_needed_to_client_quoted_dst_gets_vip", |fx| {
+        let p = fx.port();
+        fx.icmp_nat_to_client(PROTO_TCP, c4(p), sa(WEB4), sa(WEB4_BLUE), Some(8), |q| {
+            from_b(
+                FrameSpec::frag_needed(ip(ROUTER4_B), ip(CLIENT4), 1400, q),
+                mb,
+            )
+        })
+    });
+    fx.case(
+        "icmp_v6_packet_too_big_to_client_quoted_dst_gets_vip",
+        |fx| {
+            let p = fx.port();
+            fx.icmp_nat_to_client(PROTO_UDP, c6(p), sa(DNS6), sa(DNS6_BE), None, |q| {
+                from_b(
+                    FrameSpec::packet_too_big(ip(ROUTER6_B), ip(CLIENT6), 1280, q),
+                    mb,
+                )
+            })
+        },
+    );
+    fx.case("icmp_v4_port_unreachable_from_backend_to_client", |fx| {
+        // The backend itself says "port unreachable" about a datagram it got: the quoted
+        // destination becomes the VIP's again (the outer source stays the backend's).
+        let p = fx.port();
+        fx.icmp_nat_to_client(PROTO_UDP, c4(p), sa(DNS4), sa(DNS4_BE), None, |q| {
+            from_b(
+                FrameSpec::icmp_error(
+                    sa(DNS4_BE).ip(),
+                    ip(CLIENT4),
+                    ICMP_DEST_UNREACH,
+                    ICMP_PORT_UNREACH,
+                    0,
+                    q,
+                ),
+                mb,
+            )
+        })
+    });
+    fx.case(
+        "icmp_v6_time_exceeded_to_client_quoted_dst_gets_vip",
+        |fx| {
+            let p = fx.port();
+            fx.icmp_nat_to_client(PROTO_TCP, c6(p), sa(WEB6), sa(WEB6_BE), Some(8), |q| {
+                from_b(FrameSpec::time_exceeded(ip(ROUTER6_B), ip(CLIENT6), q), mb)
+            })
+        },
+    );
+    fx.case(
+        "icmp_v4_to_client_about_backend_the_flow_is_not_pinned_to_passes",
+        |fx| {
+            // web4-green serves web4 too, but the flow is pinned to web4-blue.
+            let p = fx.port();
+            let fwd = fx.open(PROTO_TCP, c4(p), sa(WEB4))?.ttl(63);
+            let q = quote(&fwd.dst(backend_addr("web4-green")).ip_packet(), Some(8));
+            let f = from_b(
+                FrameSpec::frag_needed(ip(ROUTER4_B), ip(CLIENT4), 1400, &q),
+                mb,
+            )
+            .build();
+            fx.untouched(&f, ib, XDP_PASS, PASS)
+        },
+    );
+
+    // Not about a zdd flow, or not an error zdd translates: untouched.
+    fx.case("icmp_v4_error_about_unknown_flow_pass_untouched", |fx| {
+        let sent = fx
+            .backend_frame(PROTO_TCP, sa(WEB4_BLUE), c4(59998))
+            .src(sa(WEB4))
+            .ttl(63);
+        let f = fx
+            .to_vip(FrameSpec::frag_needed(
+                r4c,
+                sa(WEB4).ip(),
+                1400,
+                &quote(&sent.ip_packet(), Some(8)),
+            ))
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("icmp_v6_error_about_unknown_flow_pass_untouched", |fx| {
+        let sent = fx
+            .backend_frame(PROTO_UDP, sa(DNS6_BE), c6(59998))
+            .src(sa(DNS6))
+            .ttl(63);
+        let f = fx
+            .to_vip(FrameSpec::packet_too_big(
+                r6c,
+                sa(DNS6).ip(),
+                1280,
+                &sent.ip_packet(),
+            ))
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case(
+        "icmp_v4_quote_truncated_before_ports_pass_untouched",
+        |fx| {
+            let p = fx.port();
+            fx.open(PROTO_TCP, c4(p), sa(WEB4))?;
+            let (sent, _) = fx.vip_reply(PROTO_TCP, c4(p), sa(WEB4), sa(WEB4_BLUE), |r| r);
+            for n in [0, 2, 3] {
+                let f = fx
+                    .to_vip(FrameSpec::frag_needed(
+                        r4c,
+                        sa(WEB4).ip(),
+                        1400,
+                        &quote(&sent.ip_packet(), Some(n)),
+                    ))
+                    .build();
+                fx.untouched(&f, ic, XDP_PASS, PASS)
+                    .map_err(|e| format!("{n} transport bytes quoted: {e}"))?;
+            }
+            Ok(())
+        },
+    );
+    fx.case(
+        "icmp_v6_quote_truncated_before_ports_pass_untouched",
+        |fx| {
+            let p = fx.port();
+            fx.open(PROTO_UDP, c6(p), sa(DNS6))?;
+            let (sent, _) = fx.vip_reply(PROTO_UDP, c6(p), sa(DNS6), sa(DNS6_BE), |r| r);
+            for n in [0, 3] {
+                let f = fx
+                    .to_vip(FrameSpec::packet_too_big(
+                        r6c,
+                        sa(DNS6).ip(),
+                        1280,
+                        &quote(&sent.ip_packet(), Some(n)),
+                    ))
+                    .build();
+                fx.untouched(&f, ic, XDP_PASS, PASS)
+                    .map_err(|e| format!("{n} transport bytes quoted: {e}"))?;
+            }
+            // A quoted IPv6 header cut short.
+            let f = fx
+                .to_vip(FrameSpec::packet_too_big(
+                    r6c,
+                    sa(DNS6).ip(),
+                    1280,
+                    &sent.ip_packet()[..39],
+                ))
+                .build();
+            fx.untouched(&f, ic, XDP_PASS, PASS)
+                .map_err(|e| format!("39 bytes of IPv6 header quoted: {e}"))
+        },
+    );
+    fx.case(
+        "icmp_v4_ip_length_ends_before_quoted_ports_pass_untouched",
+        |fx| {
+            // The IP datagram (and the ICMP checksum) ends 2 bytes into the quoted TCP header; the
+            // rest of the quote lies after it in the frame (a trailer). Not part of the message:
+            // the quote is truncated before its ports.
+            let p = fx.port();
+            fx.open(PROTO_TCP, c4(p), sa(WEB4))?;
+            let (sent, _) = fx.vip_reply(PROTO_TCP, c4(p), sa(WEB4), sa(WEB4_BLUE), |r| r);
+            let whole = quote(&sent.ip_packet(), Some(8));
+            let mut f = fx
+                .to_vip(FrameSpec::frag_needed(
+                    r4c,
+                    sa(WEB4).ip(),
+                    1400,
+                    &whole[..22],
+                ))
+                .build();
+            f.extend_from_slice(&whole[22..]);
+            fx.untouched(&f, ic, XDP_PASS, PASS)
+        },
+    );
+    fx.case(
+        "icmp_v4_to_client_ip_length_ends_before_quoted_dport_pass_untouched",
+        |fx| {
+            // Towards the client: the quoted destination port lies after the IP datagram, outside
+            // the ICMP checksum; rewriting it and patching the checksum breaks the message.
+            let p = fx.port();
+            let fwd = fx.open(PROTO_TCP, c4(p), sa(WEB4))?.ttl(63);
+            let whole = quote(&fwd.dst(sa(WEB4_BLUE)).ip_packet(), Some(8));
+            let mut f = from_b(
+                FrameSpec::frag_needed(ip(ROUTER4_B), ip(CLIENT4), 1400, &whole[..22]),
+                mb,
+            )
+            .build();
+            f.extend_from_slice(&whole[22..]);
+            fx.untouched(&f, ib, XDP_PASS, PASS)
+        },
+    );
+    fx.case("icmp_v4_error_ttl_1_pass_untranslated", |fx| {
+        let p = fx.port();
+        fx.open(PROTO_TCP, c4(p), sa(WEB4))?;
+        let (sent, _) = fx.vip_reply(PROTO_TCP, c4(p), sa(WEB4), sa(WEB4_BLUE), |r| r);
+        let f = fx
+            .to_vip(FrameSpec::frag_needed(
+                r4c,
+                sa(WEB4).ip(),
+                1400,
+                &quote(&sent.ip_packet(), Some(8)),
+            ))
+            .ttl(1)
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, &[(Stat::TtlExpired, 1)])
+    });
+    fx.case("icmp_v6_error_hop_limit_1_pass_untranslated", |fx| {
+        let p = fx.port();
+        fx.open(PROTO_TCP, c6(p), sa(WEB6))?;
+        let (sent, _) = fx.vip_reply(PROTO_TCP, c6(p), sa(WEB6), sa(WEB6_BE), |r| r);
+        let f = fx
+            .to_vip(FrameSpec::packet_too_big(
+                r6c,
+                sa(WEB6).ip(),
+                1280,
+                &sent.ip_packet(),
+            ))
+            .ttl(1)
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, &[(Stat::TtlExpired, 1)])
+    });
+    fx.case("icmp_v4_echo_with_quote_like_data_to_vip_untouched", |fx| {
+        // Echo request and echo reply whose data is a quote of a live flow: not errors.
+        let p = fx.port();
+        fx.open(PROTO_TCP, c4(p), sa(WEB4))?;
+        let (sent, _) = fx.vip_reply(PROTO_TCP, c4(p), sa(WEB4), sa(WEB4_BLUE), |r| r);
+        for kind in [ICMP_ECHO, ICMP_ECHO_REPLY] {
+            let f = fx
+                .to_vip(FrameSpec::icmp_error(
+                    r4c,
+                    sa(WEB4).ip(),
+                    kind,
+                    0,
+                    0x0077_0001,
+                    &sent.ip_packet(),
+                ))
+                .build();
+            fx.untouched(&f, ic, XDP_PASS, PASS)
+                .map_err(|e| format!("type {kind}: {e}"))?;
+        }
+        Ok(())
+    });
+    fx.case("icmp_v6_echo_with_quote_like_data_to_vip_untouched", |fx| {
+        let p = fx.port();
+        fx.open(PROTO_TCP, c6(p), sa(WEB6))?;
+        let (sent, _) = fx.vip_reply(PROTO_TCP, c6(p), sa(WEB6), sa(WEB6_BE), |r| r);
+        for kind in [ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY] {
+            let f = fx
+                .to_vip(FrameSpec::icmp_error(
+                    r6c,
+                    sa(WEB6).ip(),
+                    kind,
+                    0,
+                    0x0077_0001,
+                    &sent.ip_packet(),
+                ))
+                .build();
+            fx.untouched(&f, ic, XDP_PASS, PASS)
+                .map_err(|e| format!("type {kind}: {e}"))?;
+        }
+        Ok(())
+    });
+    fx.case("icmp_v4_parameter_problem_and_v6_type_4_untouched", |fx| {
+        // Errors zdd does not translate (only v4 types 3 and 11, v6 types 1 to 3).
+        let p = fx.port();
+        fx.open(PROTO_TCP, c4(p), sa(WEB4))?;
+        let (sent, _) = fx.vip_reply(PROTO_TCP, c4(p), sa(WEB4), sa(WEB4_BLUE), |r| r);
+        let f = fx
+            .to_vip(FrameSpec::icmp_error(
+                r4c,
+                sa(WEB4).ip(),
+                ICMP_PARAMETER_PROB,
+                0,
+                0x0800_0000,
+                &quote(&sent.ip_packet(), Some(8)),
+            ))
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)?;
+        let p = fx.port();
+        fx.open(PROTO_TCP, c6(p), sa(WEB6))?;
+        let (sent, _) = fx.vip_reply(PROTO_TCP, c6(p), sa(WEB6), sa(WEB6_BE), |r| r);
+        let f = fx
+            .to_vip(FrameSpec::icmp_error(
+                r6c,
+                sa(WEB6).ip(),
+                ICMPV6_PARAMPROB,
+                0,
+                6,
+                &sent.ip_packet(),
+            ))
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case("icmp_v4_error_quoting_icmp_pass_untouched", |fx| {
+        // A quoted packet that is neither TCP nor UDP (an echo reply from the VIP address).
+        let sent = FrameSpec::icmp_echo(sa(WEB4).ip(), ip(CLIENT4)).ttl(63);
+        let f = fx
+            .to_vip(FrameSpec::frag_needed(
+                r4c,
+                sa(WEB4).ip(),
+                1400,
+                &quote(&sent.ip_packet(), Some(8)),
+            ))
+            .build();
+        fx.untouched(&f, ic, XDP_PASS, PASS)
+    });
+    fx.case(
+        "icmp_quoted_header_of_the_wrong_ip_version_pass_untouched",
+        |fx| {
+            // A quote about a live flow whose IP version nibble is wrong: not a quoted packet.
+            let p = fx.port();
+            fx.open(PROTO_TCP, c4(p), sa(WEB4))?;
+            let (sent, _) = fx.vip_reply(PROTO_TCP, c4(p), sa(WEB4), sa(WEB4_BLUE), |r| r);
+            let mut q = quote(&sent.ip_packet(), Some(8));
+            q[0] = 0x65;
+            let f = fx
+                .to_vip(FrameSpec::frag_needed(r4c, sa(WEB4).ip(), 1400, &q))
+                .build();
+            fx.untouched(&f, ic, XDP_PASS, PASS)
+                .map_err(|e| format!("IPv4 quote with version 6: {e}"))?;
+            let p = fx.port();
+            fx.open(PROTO_TCP, c6(p), sa(WEB6))?;
+            let (sent, _) = fx.vip_reply(PROTO_TCP, c6(p), sa(WEB6), sa(WEB6_BE), |r| r);
+            let mut q = sent.ip_packet();
+            q[0] = 0x40 | (q[0] & 0x0f);
+            let f = fx
+                .to_vip(FrameSpec::packet_too_big(r6c, sa(WEB6).ip(), 1280, &q))
+                .build();
+            fx.untouched(&f, ic, XDP_PASS, PASS)
+                .map_err(|e| format!("IPv6 quote with version 4: {e}"))
+        },
+    );
+    fx.case("icmp_v4_truncated_icmp_header_malformed", |fx| {
+        let f = fx
+            .to_vip(FrameSpec::frag_needed(r4c, sa(WEB4).ip(), 1400, &[]))
+            .build();
+        let f = f[..f.len() - 1].to_vec();
+        ensure(parse(&f).is_err(), || "fixture bug: frame parses".into())?;
+        fx.untouched(&f, ic, XDP_PASS, MALFORMED)
+    });
+
+    // Next hops of errors towards the backend.
+    fx.case(
+        "icmp_v4_error_unresolved_backend_neighbour_pass_translated",
+        |fx| {
+            // Translated; TTL and MACs left to the kernel, which resolves the neighbour.
+            let p = fx.port();
+            fx.open_unresolved(c4(p), sa(NN4))?;
+            let (sent, orig) = fx.vip_reply(PROTO_TCP, c4(p), sa(NN4), sa(NN4_BE), |r| r);
+            let (q_in, q_out) = quotes(&sent, &orig, Some(8));
+            let input = fx.to_vip(FrameSpec::frag_needed(r4c, sa(NN4).ip(), 1400, &q_in));
+            let want = fx
+                .to_vip(FrameSpec::frag_needed(r4c, sa(NN4_BE).ip(), 1400, &q_out))
+                .build();
+            let out = fx.run(
+                &input.build(),
+                ic,
+                XDP_PASS,
+                &[(Stat::IcmpTranslated, 1), (Stat::PassToKernel, 1)],
+            )?;
+            same(&want, &out)?;
+            icmp_checksums_checked(&out)
+        },
+    );
+    fx.case(
+        "icmp_v4_error_dsr_unresolved_neighbour_drop_counted_unresolved",
+        |fx| {
+            // As for any dsr packet whose backend's neighbour is unknown: dropped, and counted as
+            // `unresolved` ("FIB lookup failed for another reason" is `fib_failure`).
+            let p = fx.port();
+            let s = fx.client_frame(PROTO_TCP, c4(p), sa(DSRNN4));
+            fx.run(
+                &s.build(),
+                ic,
+                XDP_DROP,
+                &[(Stat::NewFlow, 1), (Stat::Unresolved, 1), (Stat::Drop, 1)],
+            )?;
+            let sent = fx.backend_frame(PROTO_TCP, sa(DSRNN4), c4(p)).ttl(63);
+            let f = fx
+                .to_vip(FrameSpec::frag_needed(
+                    r4c,
+                    sa(DSRNN4).ip(),
+                    1400,
+                    &quote(&sent.ip_packet(), Some(8)),
+                ))
+                .build();
+            fx.untouched(
+                &f,
+                ic,
+                XDP_DROP,
+                &[
+                    (Stat::IcmpTranslated, 1),
+                    (Stat::Unresolved, 1),
+                    (Stat::Drop, 1),
+                ],
+            )
+        },
+    );
+}
+
+/// An error from a backends'-side router or backend: MACs sender → edge eth1 (`mac_b`).
+fn from_b(spec: FrameSpec, mac_b: Mac) -> FrameSpec {
+    let src = spec.src;
+    spec.macs(neigh_mac(src), mac_b)
+}
+
+impl Fx<'_> {
+    /// Opens a flow to a nat service whose backend has no neighbour entry (passed to the
+    /// kernel, translated).
+    fn open_unresolved(&mut self, client: SocketAddr, vip: SocketAddr) -> R {
+        let s = self.client_frame(PROTO_TCP, client, vip);
+        self.run(
+            &s.build(),
+            self.if_c,
+            XDP_PASS,
+            &[(Stat::NewFlow, 1), (Stat::PassToKernel, 1)],
+        )
+        .map(drop)
+        .map_err(|e| format!("opening the flow: {e}"))
+    }
 }

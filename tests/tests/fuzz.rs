@@ -11,6 +11,17 @@
 //! 3. If the input's checksums were right, the altered output's are right; an IPv4 UDP
 //!    checksum of 0 stays 0.
 //! 4. The verdict is never XDP_ABORTED.
+//! 5. ICMP / ICMPv6 errors (valid ones about live flows, in both directions, and mutations of
+//!    them) are held to the rules of `icmp.rs`, read by the independent parser: an error of a
+//!    translated type (v4 3 and 11, v6 1 to 3) whose quote (within the ICMP message as the IP
+//!    length gives it) holds the ports of a live flow — towards the backend (quoted source =
+//!    VIP, outer destination = VIP) or towards the client (quoted destination = the nat
+//!    backend the flow is pinned to) — must come out translated: it parses, only the fields
+//!    of that direction changed (outer destination, TTL, IP checksum and MACs, quoted
+//!    address and port, quoted IPv4 header checksum, ICMP checksum; dsr: MACs only), they
+//!    hold the backend / the VIP, and each checksum that was right (outer IPv4 header,
+//!    ICMP/ICMPv6 with pseudo-header, quoted IPv4 header) is still right. One towards the
+//!    backend with TTL ≤ 1 passes untouched. Every other ICMP frame comes out untouched.
 //!
 //! `ZDD_FUZZ_FRAMES` sets the number of frames (default 200,000), `ZDD_FUZZ_SEED` the seed
 //! (printed, so a failure can be replayed).
@@ -157,6 +168,8 @@ struct Model {
     backend_ports: BTreeSet<u16>,
     /// nat backend (address:port, protocol) → (service, VIP).
     nat_backends: BTreeMap<(SocketAddr, u8), (&'static str, SocketAddr)>,
+    /// (VIP, protocol) → service name.
+    service_of: BTreeMap<(SocketAddr, u8), &'static str>,
 }
 
 impl Model {
@@ -166,6 +179,7 @@ impl Model {
             vip_addrs: BTreeSet::new(),
             backend_ports: BTreeSet::new(),
             nat_backends: BTreeMap::new(),
+            service_of: BTreeMap::new(),
         };
         for (name, vip, proto, fwd, be, _) in SERVICES {
             let (vip, be) = (sa(vip), sa(be));
@@ -182,6 +196,7 @@ impl Model {
                 },
             );
             m.vip_addrs.insert(vip.ip());
+            m.service_of.insert((vip, proto), *name);
             if *fwd == "nat" {
                 m.backend_ports.insert(be.port());
                 m.nat_backends.insert((be, proto), (*name, vip));
@@ -244,6 +259,27 @@ fn fix_checksums(f: &mut [u8]) {
         f[p.l3 + 11] = 0;
         let c = ipv4_header_checksum(&f[p.l3..p.l3 + h.ihl]);
         f[p.l3 + 10..p.l3 + 12].copy_from_slice(&c.to_be_bytes());
+    }
+    if let (Some(i), true) = (&p.icmp, p.lengths_ok) {
+        let end = match &p.net {
+            Net::V4(h) => p.l3 + h.tot_len as usize,
+            Net::V6(h) => p.l3 + 40 + h.payload_len as usize,
+            Net::NotIp => return,
+        };
+        if let Some(q) = &i.quoted
+            && q.src.is_ipv4()
+            && q.len >= q.hlen
+        {
+            f[q.off + 10] = 0;
+            f[q.off + 11] = 0;
+            let c = ipv4_header_checksum(&f[q.off..q.off + q.hlen]);
+            f[q.off + 10..q.off + 12].copy_from_slice(&c.to_be_bytes());
+        }
+        f[i.off + 2] = 0;
+        f[i.off + 3] = 0;
+        let c = icmp_checksum(p.src_ip().unwrap(), p.dst_ip().unwrap(), &f[i.off..end]);
+        f[i.off + 2..i.off + 4].copy_from_slice(&c.to_be_bytes());
+        return;
     }
     let (Some(t), true) = (&p.transport, p.lengths_ok) else {
         return;
@@ -498,19 +534,490 @@ fn reply_of(t: &mut TestRunner, m: &Model, p: &Packet) -> Option<SocketAddr> {
     (e.backend == id).then_some(vip)
 }
 
-/// An ICMP or ICMPv6 error (their translation is tested elsewhere, not here).
-fn is_icmp_error(f: &[u8]) -> bool {
-    let Ok(p) = parse(f) else { return false };
-    let l4 = match &p.net {
-        Net::V4(h) if h.proto == PROTO_ICMP => p.l3 + h.ihl,
-        Net::V6(h) if h.next_header == PROTO_ICMPV6 => p.l3 + 40,
-        _ => return false,
+// ---------------------------------------------------------------------------------------------
+// ICMP errors.
+// ---------------------------------------------------------------------------------------------
+
+/// The frame's parse, if it is an ICMP message.
+fn icmp_view(f: &[u8]) -> Option<Packet> {
+    parse(f).ok().filter(|p| p.icmp.is_some())
+}
+
+/// What zdd must do with an ICMP frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IcmpExpect {
+    /// Not an error about a zdd flow: untouched.
+    Untouched,
+    /// About a reply the VIP sent: to this backend (nat: translated; dsr: MACs only).
+    ToBackend { backend: SocketAddr, dsr: bool },
+    /// About what a client sent to a nat backend: the quote gets this VIP back.
+    ToClient { vip: SocketAddr },
+}
+
+/// The flow `client` → `vip` exists and is pinned to `svc`'s backend.
+fn flow_pinned(
+    t: &mut TestRunner,
+    svc: &str,
+    client: SocketAddr,
+    vip: SocketAddr,
+    proto: u8,
+) -> bool {
+    let Some(id) = t.dp.applied().backend_id(svc, &format!("{svc}-1")) else {
+        return false;
     };
-    let Some(&kind) = f.get(l4) else { return false };
-    match p.net {
-        Net::V4(_) => kind == 3 || kind == 11,
-        _ => (1..=3).contains(&kind),
+    let Some(map) = t.dp.ebpf_mut().map(map_names::FLOWS) else {
+        return false;
+    };
+    let Ok(h) = HashMap::<_, FlowKey, FlowEntry>::try_from(map) else {
+        return false;
+    };
+    h.get(&flow_key(client, vip, proto), 0)
+        .is_ok_and(|e| e.backend == id)
+}
+
+fn icmp_expect(t: &mut TestRunner, m: &Model, p: &Packet) -> IcmpExpect {
+    let Some(i) = &p.icmp else {
+        return IcmpExpect::Untouched;
+    };
+    // An IP length that does not fit the frame (or leaves no room for the message): the
+    // data path counts it malformed and passes it untouched, as the kernel would drop it.
+    if !p.lengths_ok {
+        return IcmpExpect::Untouched;
     }
+    let v6 = matches!(p.net, Net::V6(_));
+    let translated_type = if v6 {
+        (1..=3).contains(&i.kind)
+    } else {
+        i.kind == 3 || i.kind == 11
+    };
+    let Some(q) = i.quoted.as_ref().filter(|_| translated_type) else {
+        return IcmpExpect::Untouched;
+    };
+    let (Some(qs), Some(qd)) = (q.src_sock(), q.dst_sock()) else {
+        return IcmpExpect::Untouched;
+    };
+    if Some(q.src) == p.dst_ip()
+        && let Some(vip) = m.vips.get(&(qs.ip(), qs.port(), q.proto))
+    {
+        let svc = m.service_of[&(qs, q.proto)];
+        return if flow_pinned(t, svc, qd, qs, q.proto) {
+            IcmpExpect::ToBackend {
+                backend: vip.backend,
+                dsr: vip.dsr,
+            }
+        } else {
+            IcmpExpect::Untouched
+        };
+    }
+    if let Some(&(svc, vip)) = m.nat_backends.get(&(qd, q.proto))
+        && flow_pinned(t, svc, qs, vip, q.proto)
+    {
+        return IcmpExpect::ToClient { vip };
+    }
+    IcmpExpect::Untouched
+}
+
+/// Byte ranges a translation of ICMP error `p` may change.
+fn icmp_writable(p: &Packet, e: IcmpExpect) -> Vec<std::ops::Range<usize>> {
+    let (l3, i) = (p.l3, p.icmp.as_ref().unwrap());
+    let q = i.quoted.as_ref().unwrap();
+    let v6 = matches!(p.net, Net::V6(_));
+    let mut w = Vec::with_capacity(8);
+    w.push(i.off + 2..i.off + 4);
+    if !v6 {
+        w.push(q.off + 10..q.off + 12);
+    }
+    match e {
+        IcmpExpect::ToBackend { dsr: true, .. } => return std::iter::once(0..12).collect(),
+        IcmpExpect::ToBackend { dsr: false, .. } => {
+            w.push(0..12);
+            if v6 {
+                w.push(l3 + 7..l3 + 8);
+                w.push(l3 + 24..l3 + 40);
+                w.push(q.off + 8..q.off + 24);
+            } else {
+                w.push(l3 + 8..l3 + 9);
+                w.push(l3 + 10..l3 + 12);
+                w.push(l3 + 16..l3 + 20);
+                w.push(q.off + 12..q.off + 16);
+            }
+            w.push(q.l4_off..q.l4_off + 2);
+        }
+        IcmpExpect::ToClient { .. } => {
+            w.push(if v6 {
+                q.off + 24..q.off + 40
+            } else {
+                q.off + 16..q.off + 20
+            });
+            w.push(q.l4_off + 2..q.l4_off + 4);
+        }
+        IcmpExpect::Untouched => unreachable!(),
+    }
+    w
+}
+
+/// Property 5 for one ICMP frame (`p` its parse, `e` what it is).
+fn check_icmp(
+    p: &Packet,
+    e: IcmpExpect,
+    input: &[u8],
+    v: u32,
+    out: &[u8],
+    tally: &mut Tally,
+) -> Result<(), String> {
+    tally.icmp_errors += 1;
+    let ttl = p.ttl().unwrap();
+    let untouched = |what: &str| -> Result<(), String> {
+        if out != input {
+            return Err(format!("{what} was altered: {}", diff(input, out)));
+        }
+        if v != XDP_PASS {
+            return Err(format!("{what} got {}", verdict_name(v)));
+        }
+        Ok(())
+    };
+    match e {
+        IcmpExpect::Untouched => return untouched("ICMP frame not about a zdd flow"),
+        // nat routes (TTL − 1), so an expiring TTL goes to the kernel untranslated; dsr only
+        // switches the frame, as it does ordinary packets.
+        IcmpExpect::ToBackend { dsr: false, .. } if ttl <= 1 => {
+            return untouched("ICMP error to a nat backend with TTL <= 1");
+        }
+        _ => {}
+    }
+    if out == input {
+        return Err(format!(
+            "ICMP error about a zdd flow ({e:?}) not translated ({})",
+            verdict_name(v)
+        ));
+    }
+    tally.icmp_translated += 1;
+    let ok_verdict = match e {
+        IcmpExpect::ToBackend { .. } => [XDP_TX, XDP_REDIRECT, XDP_PASS].contains(&v),
+        _ => v == XDP_PASS,
+    };
+    if !ok_verdict {
+        return Err(format!(
+            "translated ICMP error ({e:?}) got {}",
+            verdict_name(v)
+        ));
+    }
+    if out.len() != input.len() {
+        return Err(format!("length changed: {}", diff(input, out)));
+    }
+    parse(out).map_err(|e| format!("translated ICMP error does not parse: {e}"))?;
+    let o = icmp_view(out).ok_or("translated ICMP error is no ICMP message")?;
+    let allowed = icmp_writable(p, e);
+    if let Some(i) =
+        (0..out.len()).find(|&i| out[i] != input[i] && !allowed.iter().any(|r| r.contains(&i)))
+    {
+        return Err(format!(
+            "byte {i} changed, not a field of this translation ({e:?}): {}",
+            diff(input, out)
+        ));
+    }
+    let (qi, qo) = (
+        p.quoted().unwrap(),
+        o.quoted().ok_or("output quotes nothing")?,
+    );
+    match e {
+        IcmpExpect::ToBackend {
+            backend,
+            dsr: false,
+        } => {
+            if o.dst_ip() != Some(backend.ip()) || qo.src_sock() != Some(backend) {
+                return Err(format!(
+                    "to backend {backend}: outer destination {:?}, quoted source {:?}",
+                    o.dst_ip(),
+                    qo.src_sock()
+                ));
+            }
+            let want_ttl = if v == XDP_PASS { ttl } else { ttl - 1 };
+            if o.ttl() != Some(want_ttl) {
+                return Err(format!(
+                    "TTL {ttl} became {:?} ({})",
+                    o.ttl(),
+                    verdict_name(v)
+                ));
+            }
+        }
+        IcmpExpect::ToClient { vip }
+            if qo.dst_sock() != Some(vip) || qo.src_sock() != qi.src_sock() =>
+        {
+            return Err(format!(
+                "to client: quoted {:?} -> {:?}, expected {:?} -> {vip}",
+                qo.src_sock(),
+                qo.dst_sock(),
+                qi.src_sock()
+            ));
+        }
+        _ => {}
+    }
+    // Each checksum that was right stays right (read strictly, from the frames themselves).
+    let (p, o) = (parse(input).unwrap(), parse(out).unwrap());
+    let (p, o) = (&p, &o);
+    let (ii, io) = (p.icmp.as_ref().unwrap(), o.icmp.as_ref().unwrap());
+    let v4_ok = |x: &Packet| match &x.net {
+        Net::V4(h) => h.checksum_ok,
+        _ => true,
+    };
+    if v4_ok(p) && !v4_ok(o) {
+        return Err("outer IPv4 header checksum was right, is wrong".into());
+    }
+    if ii.checksum_ok == Some(true) && io.checksum_ok != Some(true) {
+        return Err(format!(
+            "ICMP checksum was right, is not: {:?}",
+            verify(out).err()
+        ));
+    }
+    if let (Some(qi), Some(qo)) = (p.quoted(), o.quoted())
+        && qi.header_checksum_ok == Some(true)
+        && qo.header_checksum_ok != Some(true)
+    {
+        return Err("quoted IPv4 header checksum was right, is wrong".into());
+    }
+    if verify(input).is_ok() {
+        tally.icmp_checked += 1;
+        verify(out).map_err(|e| format!("input verified, output does not: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Valid ICMP errors about the base flows (run after them), both directions, and a few about
+/// nothing zdd knows.
+fn icmp_base_frames(r: &mut Rng, mac_c: Mac, mac_b: Mac) -> Vec<(Vec<u8>, bool)> {
+    let mut v = Vec::new();
+    for (i, (_, vip, proto, fwd_mode, be, _)) in SERVICES.iter().enumerate() {
+        let (vip, be) = (sa(vip), sa(be));
+        let v4 = vip.is_ipv4();
+        let (client, router_c, router_b): (IpAddr, IpAddr, IpAddr) = if v4 {
+            (
+                "10.0.1.2".parse().unwrap(),
+                "10.0.1.254".parse().unwrap(),
+                "10.0.2.254".parse().unwrap(),
+            )
+        } else {
+            (
+                "fd00:1::2".parse().unwrap(),
+                "fd00:1::fe".parse().unwrap(),
+                "fd00:2::fe".parse().unwrap(),
+            )
+        };
+        let dsr = *fwd_mode == "dsr";
+        for k in 0..7u16 {
+            // k = 6: a client port without a flow.
+            let port = if k == 6 {
+                29_999
+            } else {
+                30_000 + i as u16 * 16 + k
+            };
+            let c = SocketAddr::new(client, port);
+            let mk = |s: SocketAddr, d: SocketAddr| {
+                if *proto == "tcp" {
+                    FrameSpec::tcp(s, d).flags(TCP_SYN | TCP_ACK)
+                } else {
+                    FrameSpec::udp(s, d)
+                }
+            };
+            let plen = r.below(40);
+            let payload = r.bytes(plen);
+            let mut sent = mk(vip, c).payload(&payload).ttl(63);
+            let mut fwd = mk(c, if dsr { vip } else { be }).payload(&payload).ttl(63);
+            if k == 2 && v4 {
+                sent = sent.ipv4_options(&[1, 1, 1, 1]);
+                fwd = fwd.ipv4_options(&[0x94, 4, 0, 0]);
+            }
+            let len = r.pick(&[Some(8), None, Some(4), Some(20)]);
+            let kinds: &[(u8, u8)] = if v4 {
+                &[(3, 4), (11, 0), (3, 3), (3, 1)]
+            } else {
+                &[(2, 0), (3, 0), (1, 4), (1, 0)]
+            };
+            let (kind, code) = r.pick(kinds);
+            let mtu = r.pick(&[1280u32, 1400, 1500, 576]);
+            let mut to_vip = FrameSpec::icmp_error(
+                router_c,
+                vip.ip(),
+                kind,
+                code,
+                mtu,
+                &quote(&sent.ip_packet(), len),
+            )
+            .macs(CLIENT_MAC, mac_c);
+            let mut to_client = FrameSpec::icmp_error(
+                router_b,
+                client,
+                kind,
+                code,
+                mtu,
+                &quote(&fwd.ip_packet(), len),
+            )
+            .macs(neigh_mac(router_b), mac_b);
+            if k == 1 {
+                to_vip = to_vip.vlan(100);
+                to_client = to_client.vlan(101);
+            }
+            if k == 3 && v4 {
+                to_vip = to_vip.ipv4_options(&[1, 1, 1, 1]);
+            }
+            v.push((to_vip.build(), false));
+            if !dsr {
+                v.push((to_client.build(), true));
+            }
+        }
+        // An echo whose data looks like a quote of a live flow.
+        let c = SocketAddr::new(client, 30_000 + i as u16 * 16);
+        let sent = FrameSpec::udp(vip, c).ttl(63);
+        let echo = if v4 { ICMP_ECHO } else { ICMPV6_ECHO_REQUEST };
+        v.push((
+            FrameSpec::icmp_error(router_c, vip.ip(), echo, 0, 0x10001, &sent.ip_packet())
+                .macs(CLIENT_MAC, mac_c)
+                .build(),
+            false,
+        ));
+    }
+    v
+}
+
+/// Mutations aimed at the fields of an ICMP error and its quote.
+fn mutate_icmp(r: &mut Rng, m: &Model, base: &[u8]) -> Vec<u8> {
+    let mut f = base.to_vec();
+    let Ok(p) = parse(&f) else { return f };
+    let (Some(i), v6) = (p.icmp.clone(), matches!(p.net, Net::V6(_))) else {
+        return f;
+    };
+    let q = i.quoted.clone();
+    let qoff = i.off + 8;
+    let addrs: Vec<IpAddr> = m
+        .vip_addrs
+        .iter()
+        .copied()
+        .chain(m.nat_backends.keys().map(|(b, _)| b.ip()))
+        .chain(["10.0.1.2".parse().unwrap(), "fd00:1::2".parse().unwrap()])
+        .filter(|a| a.is_ipv6() == v6)
+        .collect();
+    let put_addr = |f: &mut Vec<u8>, at: usize, a: IpAddr| {
+        let b: Vec<u8> = match a {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        if at + b.len() <= f.len() {
+            f[at..at + b.len()].copy_from_slice(&b);
+        }
+    };
+    let set = |f: &mut Vec<u8>, at: usize, b: u8| {
+        if at < f.len() {
+            f[at] = b;
+        }
+    };
+    let (hlen, ql4) = q.as_ref().map_or(
+        (if v6 { 40 } else { 20 }, qoff + if v6 { 40 } else { 20 }),
+        |q| (q.hlen, q.l4_off),
+    );
+    for _ in 0..1 + r.below(2) {
+        match r.below(11) {
+            0 => {
+                let any = r.byte();
+                let kind = if v6 {
+                    r.pick(&[1, 2, 3, 4, 128, 129, any])
+                } else {
+                    r.pick(&[3, 11, 4, 5, 12, 0, 8, any])
+                };
+                set(&mut f, i.off, kind);
+                if r.chance(30) {
+                    let code = r.byte();
+                    set(&mut f, i.off + 1, code);
+                }
+            }
+            1 => {
+                let n = qoff + r.below(hlen + 9);
+                f.truncate(n.max(14));
+            }
+            2 => {
+                let b = (r.below(16) as u8) << 4;
+                if qoff < f.len() {
+                    f[qoff] = b | (f[qoff] & 0xf);
+                }
+            }
+            3 => {
+                if v6 {
+                    let any = r.byte();
+                    let nh = r.pick(&[
+                        PROTO_TCP,
+                        PROTO_UDP,
+                        PROTO_ICMPV6,
+                        PROTO_FRAGMENT,
+                        PROTO_HOPOPTS,
+                        any,
+                    ]);
+                    set(&mut f, qoff + 6, nh);
+                } else if qoff < f.len() {
+                    f[qoff] = (f[qoff] & 0xf0) | r.below(16) as u8;
+                }
+            }
+            4 if !v6 => {
+                let any = r.byte();
+                let pr = r.pick(&[PROTO_TCP, PROTO_UDP, PROTO_ICMP, any]);
+                set(&mut f, qoff + 9, pr);
+            }
+            5 => {
+                let at = ql4 + 2 * r.below(2);
+                if at + 2 <= f.len() {
+                    let old = u16::from_be_bytes([f[at], f[at + 1]]);
+                    let any = r.next() as u16;
+                    let new = r.pick(&[
+                        old.wrapping_add(1),
+                        old.wrapping_sub(1),
+                        any,
+                        80,
+                        53,
+                        8080,
+                        5353,
+                    ]);
+                    f[at..at + 2].copy_from_slice(&new.to_be_bytes());
+                }
+            }
+            6 => {
+                let a = r.pick(&addrs);
+                let at = qoff
+                    + if v6 {
+                        8 + 16 * r.below(2)
+                    } else {
+                        12 + 4 * r.below(2)
+                    };
+                put_addr(&mut f, at, a);
+            }
+            7 => {
+                let a = r.pick(&addrs);
+                put_addr(&mut f, p.l3 + if v6 { 24 } else { 16 }, a);
+            }
+            8 => {
+                let ttl = r.pick(&[0u8, 1, 2, 255]);
+                set(&mut f, p.l3 + if v6 { 7 } else { 8 }, ttl);
+            }
+            9 => {
+                // The IP length ends inside the quote (the rest stays in the frame).
+                let end = qoff + r.below(hlen + 9);
+                let (at, v) = if v6 {
+                    (p.l3 + 4, end.saturating_sub(p.l3 + 40))
+                } else {
+                    (p.l3 + 2, end - p.l3)
+                };
+                f[at..at + 2].copy_from_slice(&(v as u16).to_be_bytes());
+            }
+            _ => {
+                if !v6 && qoff + 8 <= f.len() {
+                    let any = r.next() as u16;
+                    let v = r.pick(&[0x2000u16, 0x0001, 0x4000, any]);
+                    f[qoff + 6..qoff + 8].copy_from_slice(&v.to_be_bytes());
+                }
+            }
+        }
+    }
+    if r.chance(60) {
+        fix_checksums(&mut f);
+    }
+    f
 }
 
 /// Byte offsets a rewrite of `p` may change.
@@ -563,6 +1070,8 @@ struct Tally {
     vip: u64,
     replies: u64,
     icmp_errors: u64,
+    icmp_translated: u64,
+    icmp_checked: u64,
     failures: Vec<String>,
     failed: u64,
 }
@@ -588,7 +1097,8 @@ fn check(
         }
         _ => None,
     };
-    let icmp_error = is_icmp_error(input);
+    let icmp = icmp_view(input);
+    let icmp_e = icmp.as_ref().map(|p| icmp_expect(t, m, p));
     let frag_vip = fragment_to_vip_addr(input, m);
     let (v, out) = t.run(input, ingress).map_err(|e| format!("{e:#}"))?;
     tally.frames += 1;
@@ -598,9 +1108,8 @@ fn check(
     if v > XDP_REDIRECT || v == XDP_ABORTED {
         return Err(format!("verdict {}", verdict_name(v)));
     }
-    if icmp_error {
-        tally.icmp_errors += 1;
-        return Ok(());
+    if let (Some(p), Some(e)) = (&icmp, icmp_e) {
+        return check_icmp(p, e, input, v, &out, tally);
     }
     if vip.is_none() && rev.is_none() {
         if out != input {
@@ -695,8 +1204,8 @@ fn fuzz_frames_through_the_program() {
     let tally = lab.in_ns(Node::Edge, || run(&lab, frames, seed));
     println!(
         "zdd fuzz: {} frames in {:.1?} ({:.1} us/frame); verdicts drop {} pass {} tx {} redirect {}; \
-         to a VIP {}, known replies {}, altered {} ({} with checked checksums), ICMP errors \
-         (not checked) {}; {} failed",
+         to a VIP {}, known replies {}, altered {} ({} with checked checksums); ICMP {} \
+         (translated {}, {} with checked checksums); {} failed",
         tally.0.frames,
         tally.1,
         tally.1.as_secs_f64() * 1e6 / tally.0.frames.max(1) as f64,
@@ -709,6 +1218,8 @@ fn fuzz_frames_through_the_program() {
         tally.0.altered,
         tally.0.altered_checked,
         tally.0.icmp_errors,
+        tally.0.icmp_translated,
+        tally.0.icmp_checked,
         tally.0.failed,
     );
     for f in &tally.0.failures {
@@ -725,6 +1236,10 @@ fn fuzz_frames_through_the_program() {
     assert!(
         tally.0.altered_checked > 0,
         "no altered frame had right checksums: weak run"
+    );
+    assert!(
+        tally.0.icmp_checked > 0,
+        "no translated ICMP error had right checksums: weak run"
     );
 }
 
@@ -765,6 +1280,7 @@ fn run(lab: &Lab, frames: u64, seed: u64) -> (Tally, std::time::Duration) {
     let mut r = Rng::new(seed);
     let (fwd, replies) = base_frames(&mut r, mac_c, mac_b);
     let others = other_frames(mac_c);
+    let icmp = icmp_base_frames(&mut r, mac_c, mac_b);
     let mut tally = Tally {
         frames: 0,
         verdicts: [0; 5],
@@ -773,6 +1289,8 @@ fn run(lab: &Lab, frames: u64, seed: u64) -> (Tally, std::time::Duration) {
         vip: 0,
         replies: 0,
         icmp_errors: 0,
+        icmp_translated: 0,
+        icmp_checked: 0,
         failures: Vec::new(),
         failed: 0,
     };
@@ -800,8 +1318,15 @@ fn run(lab: &Lab, frames: u64, seed: u64) -> (Tally, std::time::Duration) {
         }
         i += 1;
     }
+    for (f, from_b) in &icmp {
+        let ingress = if *from_b { if_b } else { if_c };
+        if let Err(e) = check(&mut t, &model, f, ingress, &mut tally) {
+            record(&mut tally, i, f, ingress, e);
+        }
+        i += 1;
+    }
     while i < frames {
-        let (input, ingress) = match r.below(10) {
+        let (input, ingress) = match r.below(13) {
             0..=3 => {
                 let b = r.below(fwd.len());
                 (mutate(&mut r, &fwd[b]), if_c)
@@ -814,9 +1339,18 @@ fn run(lab: &Lab, frames: u64, seed: u64) -> (Tally, std::time::Duration) {
                 let b = r.below(others.len());
                 (mutate(&mut r, &others[b]), if_c)
             }
-            _ => {
+            9 => {
                 let n = 14 + r.below(120);
                 (r.bytes(n), if r.chance(50) { if_c } else { if_b })
+            }
+            _ => {
+                let (b, from_b) = &icmp[r.below(icmp.len())];
+                let f = match r.below(10) {
+                    0 => b.clone(),
+                    1..=6 => mutate_icmp(&mut r, &model, b),
+                    _ => mutate(&mut r, b),
+                };
+                (f, if *from_b { if_b } else { if_c })
             }
         };
         if let Err(e) = check(&mut t, &model, &input, ingress, &mut tally) {

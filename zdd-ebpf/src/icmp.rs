@@ -53,6 +53,9 @@ fn is_error(icmp: &Packet) -> bool {
 #[inline(always)]
 fn quoted(ctx: &XdpContext, icmp: &Packet) -> Option<Quoted> {
     let l3 = icmp.l4 + 8;
+    // The quote ends where the outer datagram ends, not where the frame does (a trailer or
+    // a short length must not be taken for quoted bytes).
+    let end = icmp.l3 + icmp.ip_len as usize;
     let (l4, proto, src, dst) = if icmp.family == FAMILY_V4 {
         let ip = ptr_at(ctx, l3, 20)?;
         // SAFETY: 20 bytes checked above.
@@ -67,6 +70,9 @@ fn quoted(ctx: &XdpContext, icmp: &Packet) -> Option<Quoted> {
     } else {
         let ip = ptr_at(ctx, l3, 40)?;
         // SAFETY: within the 40 bytes checked above.
+        if unsafe { *ip } >> 4 != 6 {
+            return None;
+        }
         let a = |o: usize| load_addr6(unsafe { ip.add(o) });
         (l3 + 40, unsafe { *ip.add(6) }, a(8), a(24))
     };
@@ -74,6 +80,9 @@ fn quoted(ctx: &XdpContext, icmp: &Packet) -> Option<Quoted> {
         return None;
     }
     // ICMP quotes at least the first 8 bytes of the transport header: the ports.
+    if l4 + 4 > end {
+        return None;
+    }
     let ports = ptr_at(ctx, l4, 4)?;
     Some(Quoted {
         l3,
@@ -218,12 +227,13 @@ fn to_backend(
     if be.flags & backend_flags::LIVE == 0 || be.generation != flow.backend_gen {
         return crate::pass();
     }
-    if nat::ttl(ctx, icmp).unwrap_or(0) <= 1 {
-        count(Stat::TtlExpired);
-        return XDP_PASS;
-    }
     let v6 = icmp.family == FAMILY_V6;
     if flags & service_flags::DSR == 0 {
+        // As for ordinary packets: nat routes (TTL − 1), dsr only switches the frame.
+        if nat::ttl(ctx, icmp).unwrap_or(0) <= 1 {
+            count(Stat::TtlExpired);
+            return XDP_PASS;
+        }
         let done = (|| {
             let mut d = rewrite_quoted(ctx, icmp, q, true, &be.addr, be.port)?;
             let outer = put_addr(
@@ -259,6 +269,7 @@ fn to_backend(
             count(Stat::PassToKernel);
             XDP_PASS
         }
-        _ => crate::drop(Stat::FibFailure),
+        Hop::Unresolved => crate::drop(Stat::Unresolved),
+        Hop::Failed => crate::drop(Stat::FibFailure),
     }
 }

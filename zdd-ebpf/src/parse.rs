@@ -131,7 +131,13 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Parsed {
     let (vihl, frag, proto) = unsafe { (*ip, u16::from_be(load16(ip.add(6))), *ip.add(9)) };
     let ihl = ((vihl & 0x0f) as usize) * 4;
     let ip_len = u16::from_be(load16(unsafe { ip.add(2) }));
-    if vihl >> 4 != 4 || ihl < 20 || (ip_len as usize) < ihl {
+    // A total length past the end of the frame: truncated (the kernel drops it too). XDP
+    // sees single packets, never GSO, so a valid one always fits.
+    if vihl >> 4 != 4
+        || ihl < 20
+        || (ip_len as usize) < ihl
+        || ptr_at(ctx, l3, ip_len as usize).is_none()
+    {
         return Parsed::Malformed;
     }
     let dst = [load32(unsafe { ip.add(16) }), 0, 0, 0];
@@ -175,6 +181,9 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Parsed {
         return Parsed::Malformed;
     }
     let payload = u16::from_be(load16(unsafe { ip.add(4) }));
+    if ptr_at(ctx, l3, IPV6_HLEN + payload as usize).is_none() {
+        return Parsed::Malformed;
+    }
     let addr = |o: usize| load_addr6(unsafe { ip.add(o) });
     let dst = addr(24);
     if next == NEXTHDR_FRAGMENT {
