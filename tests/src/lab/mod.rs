@@ -9,6 +9,13 @@
 //! ```
 //! IPv6 alike: fd00:1::/64 on the client side, fd00:2::/64 on the backend side (backend i has
 //! fd00:2::(11+i), written in hex). The edge routes; each backend runs `zdd-lab-server`.
+//!
+//! Optionally ([`LabSpec::with_return_router`]) a return path that bypasses the edge:
+//! ```text
+//! client eth1 10.0.4.2 ---- eth1 10.0.4.1  router  eth0 10.0.2.254 ---- to-router (on br0)
+//! ```
+//! (fd00:4::2, fd00:4::1, fd00:2::fe), used by the backends that
+//! [`Lab::route_clients_via_router`] points there.
 //! Everything is removed when the [`Lab`] is dropped, including during a panic.
 
 mod netns;
@@ -42,6 +49,18 @@ pub const EDGE_BACKEND_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 1)
 pub const EDGE_CLIENT_IFACE: &str = "eth0";
 /// The edge host's interface towards the backends' bridge.
 pub const EDGE_BACKEND_IFACE: &str = "eth1";
+/// The return router's address on the backends' bridge (labs with a return router).
+pub const ROUTER_BACKEND_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 254);
+pub const ROUTER_BACKEND_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0xfe);
+/// The two ends of the router's link to the client (the client's `eth1`, the router's `eth1`).
+pub const ROUTER_CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 4, 1);
+pub const ROUTER_CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 4, 0, 0, 0, 0, 0, 1);
+pub const CLIENT_ROUTER_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 4, 2);
+pub const CLIENT_ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 4, 0, 0, 0, 0, 0, 2);
+/// The client network (every client source address is in it): what a backend routes via the
+/// return router when told to.
+pub const CLIENT_NET_V4: &str = "10.0.1.0/24";
+pub const CLIENT_NET_V6: &str = "fd00:1::/64";
 /// Where every backend's server answers HTTP (IPv4 and IPv6).
 pub const HTTP_PORT: u16 = 8080;
 /// Where every backend's server echoes UDP (IPv4 and IPv6).
@@ -86,6 +105,10 @@ impl Lab {
                 node: Node::Backend(i),
             });
         }
+        if spec.return_router {
+            // After the backends: see `Node::index`.
+            ns.push(format!("{prefix}-router"));
+        }
         // The Lab exists before anything is made: its Drop removes whatever part was made.
         let lab = Lab {
             log_dir: std::env::temp_dir().join(format!("{prefix}-logs")),
@@ -129,8 +152,17 @@ impl Lab {
         &self.prefix
     }
 
+    /// Panics for [`Node::Router`] in a lab without one (a test's own mistake).
     pub fn ns_name(&self, node: Node) -> &str {
-        &self.ns[node.index()]
+        if node == Node::Router && !self.spec.return_router {
+            panic!("this lab has no return router (LabSpec::with_return_router)");
+        }
+        &self.ns[node.index(self.backends.len())]
+    }
+
+    /// Whether the lab was built with a return router.
+    pub fn has_return_router(&self) -> bool {
+        self.spec.return_router
     }
 
     /// Every namespace of the lab.
@@ -142,6 +174,7 @@ impl Lab {
         [Node::Client, Node::Edge, Node::Lan]
             .into_iter()
             .chain((0..self.backends.len()).map(Node::Backend))
+            .chain(self.spec.return_router.then_some(Node::Router))
     }
 
     pub fn backends(&self) -> &[Backend] {
@@ -251,6 +284,58 @@ impl Lab {
         Ok(())
     }
 
+    /// Points every backend's route to the client network ([`CLIENT_NET_V4`], [`CLIENT_NET_V6`])
+    /// at the return router (`true`), or back at the edge host (`false`: the route is removed,
+    /// so the default route via the edge applies again, as when the lab was built). Replies then
+    /// reach the client without passing the edge: right for DSR, wrong for anything whose
+    /// replies the edge must translate back (NAT). Errors in a lab without a return router.
+    pub fn route_clients_via_router(&self, via_router: bool) -> Result<()> {
+        for b in &self.backends {
+            self.route_backend_clients_via_router(&b.name, via_router)?;
+        }
+        Ok(())
+    }
+
+    /// [`Lab::route_clients_via_router`] for one backend.
+    pub fn route_backend_clients_via_router(&self, backend: &str, via_router: bool) -> Result<()> {
+        if !self.spec.return_router {
+            bail!("this lab has no return router (LabSpec::with_return_router)");
+        }
+        let node = self.backend(backend).node;
+        let mut lines = Vec::new();
+        for (v, net, via) in [
+            ("-4", CLIENT_NET_V4, ROUTER_BACKEND_V4.to_string()),
+            ("-6", CLIENT_NET_V6, ROUTER_BACKEND_V6.to_string()),
+        ] {
+            if via_router {
+                // `ip -batch` takes no options per line: the prefix says the family.
+                lines.push(format!("route replace {net} via {via} dev eth0"));
+            } else if !self
+                .ip(node, &[v, "route", "show", "exact", net])?
+                .trim()
+                .is_empty()
+            {
+                lines.push(format!("route del {net}"));
+            }
+        }
+        if lines.is_empty() {
+            return Ok(());
+        }
+        netns::ip_batch(&["-n", self.ns_name(node)], &lines)
+            .with_context(|| format!("routing {backend}'s replies to the client"))
+    }
+
+    /// Whether the backend's route to the client network points at the return router.
+    pub fn clients_routed_via_router(&self, backend: &str) -> Result<bool> {
+        if !self.spec.return_router {
+            return Ok(false);
+        }
+        let node = self.backend(backend).node;
+        let via = ROUTER_BACKEND_V4.to_string();
+        let out = self.ip(node, &["-4", "route", "show", "exact", CLIENT_NET_V4])?;
+        Ok(out.split_whitespace().any(|w| w == via))
+    }
+
     /// The interface's MAC address.
     pub fn mac(&self, node: Node, iface: &str) -> Result<[u8; 6]> {
         let out = self.ip(node, &["-o", "link", "show", "dev", iface])?;
@@ -353,3 +438,6 @@ fn hex_digits(n: u16) -> u16 {
 pub fn enter_netns(ns: &str) -> std::io::Result<()> {
     netns::enter(&netns::open(ns)?)
 }
+
+#[cfg(test)]
+mod tests;

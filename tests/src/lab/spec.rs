@@ -24,6 +24,8 @@ pub struct LabSpec {
     /// redirected from the edge's eth0 to eth1 was dropped by the backend, TcpInCsumErrors +1).
     /// Without it every frame is MTU-sized with a full checksum, as from a real NIC.
     pub tx_offload: bool,
+    /// Also build a return router (see [`LabSpec::with_return_router`]). Off by default.
+    pub return_router: bool,
 }
 
 impl Default for LabSpec {
@@ -38,6 +40,7 @@ impl Default for LabSpec {
             ],
             server_bin: None,
             tx_offload: false,
+            return_router: false,
         }
     }
 }
@@ -63,6 +66,17 @@ impl LabSpec {
         self
     }
 
+    /// Adds a "router" namespace on the backends' bridge (10.0.2.254, fd00:2::fe) with a second
+    /// link to the client (client eth1 10.0.4.2/fd00:4::2 <-> router eth1 10.0.4.1/fd00:4::1):
+    /// a path from the backends back to the client that bypasses the edge host, as the return
+    /// path of DSR has on a real network. Nothing uses it until a backend's route to the client
+    /// network points there ([`super::Lab::route_clients_via_router`]); requests always go
+    /// through the edge.
+    pub fn with_return_router(mut self, on: bool) -> Self {
+        self.return_router = on;
+        self
+    }
+
     pub(super) fn validate(&self) -> Result<()> {
         let ok = |s: &str| {
             !s.is_empty()
@@ -79,7 +93,8 @@ impl LabSpec {
                 bail!("backend {name:?}/{group:?}: use 1-32 of [A-Za-z0-9._-]");
             }
             // Backend names name namespaces, beside these.
-            if ["client", "edge", "lan"].contains(&name.as_str()) || !seen.insert(name) {
+            let router = self.return_router && name == "router";
+            if ["client", "edge", "lan"].contains(&name.as_str()) || router || !seen.insert(name) {
                 bail!("backend name {name:?} is reserved or repeated");
             }
         }
@@ -96,15 +111,19 @@ pub enum Node {
     Lan,
     /// Backend by index in [`LabSpec::backends`].
     Backend(usize),
+    /// The return router, in labs built with [`LabSpec::with_return_router`].
+    Router,
 }
 
 impl Node {
-    pub(super) fn index(self) -> usize {
+    /// Where the node's namespace is in the lab's list: the router comes after the backends.
+    pub(super) fn index(self, backends: usize) -> usize {
         match self {
             Node::Client => 0,
             Node::Edge => 1,
             Node::Lan => 2,
             Node::Backend(i) => 3 + i,
+            Node::Router => 3 + backends,
         }
     }
 }

@@ -12,6 +12,13 @@ use super::{EDGE_BACKEND_IFACE, EDGE_CLIENT_IFACE, Lab, Node, netns, spawn};
 /// Bridge port in the lan namespace that faces the edge host's eth1.
 pub(super) const LAN_EDGE_PORT: &str = "to-edge";
 
+/// Bridge port in the lan namespace that faces the return router's eth0.
+pub(super) const LAN_ROUTER_PORT: &str = "to-router";
+/// The return router's interface on the bridge, and the one to the client (also `eth1` there).
+const ROUTER_LAN_IFACE: &str = "eth0";
+const ROUTER_CLIENT_IFACE: &str = "eth1";
+const CLIENT_ROUTER_IFACE: &str = "eth1";
+
 /// Bridge port in the lan namespace that faces backend `i`.
 pub(super) fn lan_backend_port(i: usize) -> String {
     format!("to-b{i}")
@@ -56,7 +63,9 @@ fn sysctls(lab: &Lab) -> Result<()> {
             for node in lab.nodes() {
                 netns::enter(&netns::open(lab.ns_name(node))?)?;
                 let extra = match node {
-                    Node::Edge => EDGE,
+                    // rp_filter is off everywhere (COMMON), so the client also takes replies
+                    // that arrive on eth1 for its eth0 addresses.
+                    Node::Edge | Node::Router => EDGE,
                     Node::Client => CLIENT,
                     _ => &[],
                 };
@@ -93,6 +102,20 @@ fn veths(lab: &Lab) -> Result<()> {
             Node::Backend(i),
         ));
     }
+    if lab.spec.return_router {
+        lines.push(pair(
+            ROUTER_LAN_IFACE,
+            Node::Router,
+            LAN_ROUTER_PORT,
+            Node::Lan,
+        ));
+        lines.push(pair(
+            ROUTER_CLIENT_IFACE,
+            Node::Router,
+            CLIENT_ROUTER_IFACE,
+            Node::Client,
+        ));
+    }
     netns::ip_batch(&[], &lines)
 }
 
@@ -121,6 +144,15 @@ fn configure(lab: &Lab) -> Result<()> {
     let mut client = up(&["lo", "eth0"]);
     client.extend(addr_lines("eth0", super::CLIENT_V4, super::CLIENT_V6));
     client.extend(route_lines(super::EDGE_CLIENT_V4, super::EDGE_CLIENT_V6));
+    if lab.spec.return_router {
+        // Only for replies coming in: the client's routes stay as they were (via the edge).
+        client.extend(up(&[CLIENT_ROUTER_IFACE]));
+        client.extend(addr_lines(
+            CLIENT_ROUTER_IFACE,
+            super::CLIENT_ROUTER_V4,
+            super::CLIENT_ROUTER_V6,
+        ));
+    }
     plan.push((Node::Client, client));
 
     let mut edge = up(&["lo", EDGE_CLIENT_IFACE, EDGE_BACKEND_IFACE]);
@@ -146,6 +178,10 @@ fn configure(lab: &Lab) -> Result<()> {
         lan.push(format!("link set {port} master br0"));
         lan.push(format!("link set {port} up"));
     }
+    if lab.spec.return_router {
+        lan.push(format!("link set {LAN_ROUTER_PORT} master br0"));
+        lan.push(format!("link set {LAN_ROUTER_PORT} up"));
+    }
     lan.push("link set br0 up".into());
     plan.push((Node::Lan, lan));
 
@@ -154,6 +190,32 @@ fn configure(lab: &Lab) -> Result<()> {
         lines.extend(addr_lines("eth0", b.ipv4, b.ipv6));
         lines.extend(route_lines(super::EDGE_BACKEND_V4, super::EDGE_BACKEND_V6));
         plan.push((b.node, lines));
+    }
+
+    if lab.spec.return_router {
+        let mut router = up(&["lo", ROUTER_LAN_IFACE, ROUTER_CLIENT_IFACE]);
+        router.extend(addr_lines(
+            ROUTER_LAN_IFACE,
+            super::ROUTER_BACKEND_V4,
+            super::ROUTER_BACKEND_V6,
+        ));
+        router.extend(addr_lines(
+            ROUTER_CLIENT_IFACE,
+            super::ROUTER_CLIENT_V4,
+            super::ROUTER_CLIENT_V6,
+        ));
+        // To the client network; no default route: the router carries replies only.
+        router.push(format!(
+            "route add {} via {}",
+            super::CLIENT_NET_V4,
+            super::CLIENT_ROUTER_V4
+        ));
+        router.push(format!(
+            "route add {} via {}",
+            super::CLIENT_NET_V6,
+            super::CLIENT_ROUTER_V6
+        ));
+        plan.push((Node::Router, router));
     }
 
     thread::scope(|s| {
@@ -177,6 +239,12 @@ fn offloads(lab: &Lab) -> Result<()> {
     for (i, b) in lab.backends.iter().enumerate() {
         ends.push((Node::Lan, lan_backend_port(i)));
         ends.push((b.node, "eth0".into()));
+    }
+    if lab.spec.return_router {
+        ends.push((Node::Client, CLIENT_ROUTER_IFACE.into()));
+        ends.push((Node::Lan, LAN_ROUTER_PORT.into()));
+        ends.push((Node::Router, ROUTER_LAN_IFACE.into()));
+        ends.push((Node::Router, ROUTER_CLIENT_IFACE.into()));
     }
     let tx_off = !lab.spec.tx_offload;
     thread::scope(|s| {

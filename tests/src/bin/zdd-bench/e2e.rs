@@ -3,11 +3,19 @@
 //! direct kernel routing to one backend (the base), nftables DNAT with conntrack, zdd nat and
 //! zdd dsr (the real `zdd-agent`). Two loads: keep-alive and a new connection per request.
 //! Method and traps: BENCHMARKS.md in the design notes.
+//!
+//! Replies: the lab's backends route to the client via the edge host, except during dsr checks
+//! and runs, when they route via the lab's return router (replies bypass the edge: what dsr is
+//! for; nat replies must pass the edge to be translated back, so they stay there). The direct
+//! base is a second nginx on blue-1 with one worker per backend of the balanced paths (4), so
+//! that every path has the same number of nginx workers to spread its load over.
 
 #[path = "e2e_nft.rs"]
 mod nft;
 #[path = "e2e_nginx.rs"]
 mod nginx;
+#[path = "e2e_return.rs"]
+mod ret;
 #[path = "e2e_wrk.rs"]
 mod wrk;
 
@@ -28,8 +36,13 @@ const BACKEND_PORT: u16 = 8080;
 /// (The lab tests' VIP, [`VIP_V4`]; `run` checks that they agree.)
 const NAT_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 100, 1), 80);
 const DSR_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 100, 2), BACKEND_PORT);
-/// The backend the direct path goes to.
+/// The backend the direct path goes to, and the port of its second nginx, the one with as many
+/// workers as the lab has backends (the balanced paths spread their load over that many).
 const DIRECT_BACKEND: &str = "blue-1";
+const DIRECT_PORT: u16 = 8081;
+/// During a dsr run, the edge may see at most this share of the frames it forwards coming back
+/// from the backends' side (ARP and the like); replies through the edge made it about 1:1.
+const DSR_MAX_RETURN_SHARE: f64 = 0.05;
 /// The split of the zdd services and of the nftables map (every backend weighs 100).
 const SPLIT: &[(&str, u32)] = &[("blue", 50), ("green", 50)];
 const WEIGHT: u32 = 100;
@@ -63,10 +76,10 @@ impl PathKind {
 
     fn label(self) -> &'static str {
         match self {
-            PathKind::Direct => "direct (kernel routing to blue-1, no XDP)",
+            PathKind::Direct => "direct (kernel routing to blue-1, 4 nginx workers, no XDP)",
             PathKind::Nftables => "nftables DNAT (numgen weight map, conntrack)",
             PathKind::ZddNat => "zdd nat",
-            PathKind::ZddDsr => "zdd dsr",
+            PathKind::ZddDsr => "zdd dsr (replies via the return router)",
         }
     }
 
@@ -79,9 +92,17 @@ impl PathKind {
         }
     }
 
+    /// dsr replies bypass the edge (via the lab's return router); every other path's replies
+    /// pass it (nat and nftables: to be translated back).
+    fn replies_via_router(self) -> bool {
+        matches!(self, PathKind::ZddDsr)
+    }
+
     fn target(self, lab: &Lab) -> SocketAddr {
         match self {
-            PathKind::Direct => lab.backend(DIRECT_BACKEND).http_v4(),
+            PathKind::Direct => {
+                SocketAddr::new(lab.backend(DIRECT_BACKEND).ipv4.into(), DIRECT_PORT)
+            }
             PathKind::Nftables | PathKind::ZddNat => NAT_VIP.into(),
             PathKind::ZddDsr => DSR_VIP.into(),
         }
@@ -296,8 +317,11 @@ impl Bench<'_> {
         }
         let src = self.sources.fresh(self.lab)?;
         let url = format!("http://{}/", path.target(self.lab));
+        ret::expect_return_via_router(self.lab, path.replies_via_router())?;
         let xdp_before = agent.map(xdp_counters).transpose()?;
+        let frames_before = ret::ReturnFrames::read(self.lab)?;
         let (wrk, text) = wrk::run(self.lab, &url, self.opts.secs, load == LoadKind::Close)?;
+        let frames = ret::ReturnFrames::read(self.lab)?.since(frames_before);
         let mut line = format!(
             "  {:<9} {:<27} src {src:<11} load {:.2} busy {:.2}{}: {:>9.0} req/s  p50 {}  p99 {}  errors {}",
             path.short(),
@@ -309,6 +333,11 @@ impl Bench<'_> {
             fmt_us(wrk.p50_us),
             fmt_us(wrk.p99_us),
             wrk.errors(),
+        );
+        let _ = write!(
+            line,
+            "\n            frames from the backends' side: edge eth1 +{}, return router +{}",
+            frames.edge, frames.router
         );
         if let (Some(agent), Some(b)) = (agent, xdp_before) {
             let d = counters_delta(&b, &xdp_counters(agent)?);
@@ -325,6 +354,22 @@ impl Bench<'_> {
                 );
                 let _ = write!(line, "\n            WARNING: {p}");
                 self.problems.push(p);
+            }
+            if path == PathKind::ZddDsr {
+                // Replies through the edge: XDP passes each to the kernel (`pass` ~ `forward`)
+                // and eth1 receives them. Via the router neither grows.
+                let passed = d.get("pass").copied().unwrap_or(0);
+                let limit = (forwarded as f64 * DSR_MAX_RETURN_SHARE) as u64;
+                if passed > limit || frames.edge > limit {
+                    let p = format!(
+                        "dsr {}: the edge still saw the replies (XDP pass +{passed}, eth1 rx \
+                         +{} frames, for forward +{forwarded})",
+                        load.label(),
+                        frames.edge
+                    );
+                    let _ = write!(line, "\n            WARNING: {p}");
+                    self.problems.push(p);
+                }
             }
         }
         println!("{line}");
@@ -353,6 +398,7 @@ impl Bench<'_> {
     /// from an expected backend that saw the client's own address. Returns a summary.
     fn check(&self, path: PathKind) -> Result<String> {
         self.lab.set_client_source_v4(CHECK_SOURCE)?;
+        ret::expect_return_via_router(self.lab, path.replies_via_router())?;
         let target = path.target(self.lab);
         let answers = self.lab.in_ns(Node::Client, || {
             (0..CHECK_REQUESTS)
@@ -444,11 +490,14 @@ impl Bench<'_> {
                 let mut agent = Agent::start(self.lab, &zdd_services(self.lab))
                     .context("starting zdd-agent")?;
                 for p in setup.paths() {
+                    let _via = return_path(self.lab, *p)?;
                     self.check_or_report(*p, Some(&agent))?;
                 }
                 for load in LoadKind::ALL {
                     for p in setup.paths() {
+                        let _via = return_path(self.lab, *p)?;
                         self.measure(*p, load, Some(&agent))?;
+                        // `_via` routes the replies via the edge again here.
                     }
                 }
                 let st = agent.stop()?;
@@ -459,6 +508,16 @@ impl Bench<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Routes the backends' replies the way the path needs until the guard is dropped: via the
+/// return router for dsr, via the edge (the lab's default) for the rest.
+fn return_path(lab: &Lab, path: PathKind) -> Result<Option<ret::ViaRouter<'_>>> {
+    if path.replies_via_router() {
+        Ok(Some(ret::ViaRouter::new(lab)?))
+    } else {
+        Ok(None)
     }
 }
 
@@ -778,11 +837,14 @@ pub fn run(args: &[String]) -> Result<()> {
     );
 
     // The lab's own zdd-lab-server would hold port 8080: none is started (server_bin None).
-    let lab = Lab::new(LabSpec::default()).context("building the lab")?;
+    let lab = Lab::new(LabSpec::default().with_return_router(true)).context("building the lab")?;
     for b in lab.backends() {
         lab.add_vip_on_backend_lo(&b.name, (*DSR_VIP.ip()).into())?;
     }
     let _nginx = nginx::Nginx::start(&lab, BACKEND_PORT)?;
+    let workers = lab.backends().len() as u32;
+    let direct = std::slice::from_ref(lab.backend(DIRECT_BACKEND));
+    let _nginx_direct = nginx::Nginx::start_on(&lab, direct, DIRECT_PORT, workers)?;
     println!(
         "lab {}: {} backends with nginx (1 worker, keepalive_requests 1000000, access_log off) \
          on :{BACKEND_PORT}; dsr VIP {} on each backend's lo; split {}, weight {WEIGHT} each",
@@ -794,6 +856,20 @@ pub fn run(args: &[String]) -> Result<()> {
             .map(|(g, p)| format!("{g} {p}%"))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    println!(
+        "direct base: a second nginx on {DIRECT_BACKEND} :{DIRECT_PORT} with {workers} workers \
+         (reuseport), as many as the balanced paths spread their load over (one on each \
+         backend); before, the base had one worker, so a single process's scheduling could \
+         limit the base alone (the worker count is the only change)"
+    );
+    println!(
+        "replies: via the edge host for direct, nftables and zdd nat (the edge translates nat \
+         replies back); via the lab's return router ({} on the backends' bridge, a second link \
+         to the client) for zdd dsr, so dsr replies bypass the edge as dsr is meant to; the \
+         backends' route to {} is switched around each dsr check and run",
+        zdd_tests::lab::ROUTER_BACKEND_V4,
+        zdd_tests::lab::CLIENT_NET_V4
     );
 
     let mut bench = Bench {

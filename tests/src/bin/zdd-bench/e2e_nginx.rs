@@ -1,5 +1,6 @@
 //! One nginx per lab backend (one worker, keep-alive without a request limit, no access log,
-//! a small fixed body naming the backend). Dropping [`Nginx`] stops them all with SIGTERM (nginx's
+//! a small fixed body naming the backend), and on request one more instance with several
+//! workers on one backend (the direct base: as many workers as the balanced paths reach). Dropping [`Nginx`] stops them all with SIGTERM (nginx's
 //! fast shutdown) and reaps them; the lab's log folder holds their files and goes with the lab.
 
 use std::net::{SocketAddr, TcpStream};
@@ -17,14 +18,17 @@ pub struct Nginx {
     servers: Vec<ChildGuard>,
 }
 
-fn config(dir: &Path, b: &Backend, port: u16) -> String {
+fn config(dir: &Path, b: &Backend, port: u16, workers: u32) -> String {
     let d = dir.display();
+    // Several workers: one listening socket each (reuseport), connections spread by the kernel's
+    // hash, as the balancers spread them over the backends' single workers.
+    let reuseport = if workers > 1 { " reuseport" } else { "" };
     // The body names the backend and the client address it saw (so that a check can see the
     // source address a path preserves); X-Backend/X-Group are what the lab's HTTP client reads.
     format!(
         "daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 worker_rlimit_nofile 65536;
@@ -43,7 +47,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen {port} backlog=4096;
+        listen {port} backlog=4096{reuseport};
         location / {{
             add_header X-Backend {name} always;
             add_header X-Group {group} always;
@@ -61,15 +65,20 @@ impl Nginx {
     /// Starts nginx on every backend, listening on `port` on all of the backend's addresses
     /// (a VIP on its `lo` included), and waits until each accepts connections.
     pub fn start(lab: &Lab, port: u16) -> Result<Nginx> {
+        Self::start_on(lab, lab.backends(), port, 1)
+    }
+
+    /// One nginx with `workers` workers on each of `backends`, listening on `port`.
+    pub fn start_on(lab: &Lab, backends: &[Backend], port: u16, workers: u32) -> Result<Nginx> {
         let mut me = Nginx {
             servers: Vec::new(),
         };
         let mut dirs = Vec::new();
-        for b in lab.backends() {
-            let dir = lab.log_dir().join(format!("nginx-{}", b.name));
+        for b in backends {
+            let dir = lab.log_dir().join(format!("nginx-{}-{port}", b.name));
             std::fs::create_dir_all(&dir)?;
             let conf = dir.join("nginx.conf");
-            std::fs::write(&conf, config(&dir, b, port))?;
+            std::fs::write(&conf, config(&dir, b, port, workers))?;
             let mut cmd = Command::new("nginx");
             cmd.arg("-p")
                 .arg(&dir)
@@ -83,7 +92,7 @@ impl Nginx {
             me.servers.push(lab.spawn(b.node, cmd)?);
             dirs.push(dir);
         }
-        for ((b, s), dir) in lab.backends().iter().zip(&mut me.servers).zip(&dirs) {
+        for ((b, s), dir) in backends.iter().zip(&mut me.servers).zip(&dirs) {
             wait_ready(lab, b, SocketAddr::new(b.ipv4.into(), port), s, dir)?;
         }
         Ok(me)
