@@ -516,23 +516,9 @@ impl<'a> Fx<'a> {
     }
 
     fn neigh(&self, ip: &str, dev: &str) {
-        let mac = neigh_mac(ip.parse().unwrap());
-        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        let ip = ip.parse().unwrap();
         self.lab
-            .ip(
-                Node::Edge,
-                &[
-                    "neigh",
-                    "replace",
-                    ip,
-                    "lladdr",
-                    &mac,
-                    "dev",
-                    dev,
-                    "nud",
-                    "permanent",
-                ],
-            )
+            .set_neighbour(Node::Edge, ip, neigh_mac(ip), dev)
             .unwrap();
     }
 }

@@ -1251,22 +1251,8 @@ fn run(lab: &Lab, frames: u64, seed: u64) -> (Tally, std::time::Duration) {
     let mac_c = lab.mac(Node::Edge, "eth0").unwrap();
     let mac_b = lab.mac(Node::Edge, "eth1").unwrap();
     let neigh = |ip: IpAddr, dev: &str| {
-        let mac = neigh_mac(ip).map(|b| format!("{b:02x}")).join(":");
-        lab.ip(
-            Node::Edge,
-            &[
-                "neigh",
-                "replace",
-                &ip.to_string(),
-                "lladdr",
-                &mac,
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ],
-        )
-        .unwrap();
+        lab.set_neighbour(Node::Edge, ip, neigh_mac(ip), dev)
+            .unwrap()
     };
     for (.., be, has) in SERVICES {
         if *has {

@@ -336,6 +336,28 @@ impl Lab {
         Ok(out.split_whitespace().any(|w| w == via))
     }
 
+    /// A permanent neighbour entry on `node`: `ip` is at `mac` on `dev` (no ARP or ND needed,
+    /// so packet fixtures and benchmarks know the next hop's MAC in advance).
+    pub fn set_neighbour(&self, node: Node, ip: IpAddr, mac: [u8; 6], dev: &str) -> Result<()> {
+        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        let ip = ip.to_string();
+        self.ip(
+            node,
+            &[
+                "neigh",
+                "replace",
+                &ip,
+                "lladdr",
+                &mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ],
+        )?;
+        Ok(())
+    }
+
     /// The interface's MAC address.
     pub fn mac(&self, node: Node, iface: &str) -> Result<[u8; 6]> {
         let out = self.ip(node, &["-o", "link", "show", "dev", iface])?;

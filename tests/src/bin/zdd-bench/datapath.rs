@@ -261,24 +261,7 @@ fn lab_net(lab: &Lab) -> Result<Net> {
     let client_mac = lab.mac(Node::Client, "eth0")?;
     let mut backend_mac = HashMap::new();
     let mut backends = Vec::new();
-    let neigh = |ip: IpAddr, mac: &[u8; 6], dev: &str| -> Result<()> {
-        let (ip, mac) = (ip.to_string(), mac_str(mac));
-        lab.ip(
-            Node::Edge,
-            &[
-                "neigh",
-                "replace",
-                &ip,
-                "lladdr",
-                &mac,
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ],
-        )?;
-        Ok(())
-    };
+    let neigh = |ip: IpAddr, mac: &[u8; 6], dev: &str| lab.set_neighbour(Node::Edge, ip, *mac, dev);
     for b in lab.backends() {
         let mac = lab.mac(b.node, "eth0")?;
         for ip in [IpAddr::V4(b.ipv4), IpAddr::V6(b.ipv6)] {
