@@ -195,3 +195,28 @@ fn stopping_the_agent_detaches_everything() {
     let r = lab.in_ns(Node::Client, || connect_and_get(vip()));
     assert!(r.is_err(), "VIP still answered after stop: {r:?}");
 }
+
+#[test]
+fn a_second_agent_on_the_same_pins_is_refused_and_the_first_keeps_serving() {
+    require_privileged!();
+    let lab = Lab::new(lab_spec!()).unwrap();
+    let agent = Agent::start(&lab, &web(&lab, "blue = 100, green = 0")).unwrap();
+    // The same config (same pin_dir), started by hand so that its failure cleans nothing up.
+    let mut cmd = std::process::Command::new(zdd_tests::agent::workspace_bin("zdd-agent"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(agent.config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = lab
+        .spawn(Node::Edge, cmd)
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "second agent started:\n{err}");
+    assert!(err.contains("another zdd-agent is using"), "{err}");
+    let (groups, errors) = new_connections(&lab, 50);
+    assert!(errors.is_empty(), "errors: {errors:?}\n{}", agent.log());
+    assert_eq!(groups.get("blue"), Some(&50));
+}

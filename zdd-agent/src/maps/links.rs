@@ -79,6 +79,14 @@ impl Dataplane {
             iface: iface.to_string(),
             message,
         };
+        let name =
+            std::ffi::CString::new(iface).map_err(|_| err("not an interface name".into()))?;
+        // SAFETY: plain libc call with a valid C string.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            return Err(err(
+                "no such interface in this network namespace (agent.interfaces)".into(),
+            ));
+        }
         if path.exists() {
             let pinned = PinnedLink::from_pin(&path)
                 .map_err(|e| err(format!("cannot open pinned link {}: {e}", path.display())))?;

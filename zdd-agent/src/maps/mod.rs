@@ -56,6 +56,10 @@ pub enum DataplaneError {
     },
     #[error("interface {iface}: {message}")]
     Attach { iface: String, message: String },
+    #[error(
+        "another zdd-agent is using {0} (its maps and links): stop it first, or give this one another agent.pin_dir"
+    )]
+    InUse(PathBuf),
     #[error("{0}")]
     Capacity(String),
 }
@@ -76,6 +80,8 @@ pub struct LoadOptions {
 /// The loaded program and its maps, plus what has been written to them.
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// Held for the agent's life: one agent per pin directory.
+    _lock: std::fs::File,
     dir: PathBuf,
     adopted: bool,
     applied: Applied,
@@ -91,6 +97,28 @@ fn is_bpffs(path: &Path) -> bool {
         let mut s: libc::statfs = std::mem::zeroed();
         libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == BPF_FS_MAGIC
     }
+}
+
+/// An exclusive lock on the pin directory: two agents adopting the same pins would fight
+/// over the maps and links. The kernel drops it when the process ends, however it ends.
+fn lock_dir(base: &Path) -> Result<std::fs::File, DataplaneError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(base).map_err(|source| DataplaneError::PinDir {
+        path: base.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(DataplaneError::InUse(base.to_path_buf()));
+        }
+        return Err(DataplaneError::PinDir {
+            path: base.to_path_buf(),
+            source: e,
+        });
+    }
+    Ok(f)
 }
 
 impl Dataplane {
@@ -112,6 +140,7 @@ impl Dataplane {
             path: dir.clone(),
             source,
         })?;
+        let lock = lock_dir(base)?;
         let adopted = dir.join(map_names::SERVICES).exists();
         // The kernel charges BPF memory to the cgroup since 5.11; raising MEMLOCK is only
         // needed (and only allowed) on older kernels, so failure is not fatal.
@@ -137,6 +166,7 @@ impl Dataplane {
 
         let mut dp = Dataplane {
             ebpf,
+            _lock: lock,
             dir,
             adopted,
             applied: Applied::default(),
