@@ -40,7 +40,11 @@ pub enum DataplaneError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("loading the XDP program failed (is this root, with BPF enabled?): {0}")]
+    #[error(
+        "not permitted to create BPF maps or programs: run zdd-agent as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+    )]
+    NotPermitted,
+    #[error("loading the XDP program failed (is BPF enabled in this kernel?): {0}")]
     Load(#[source] aya::EbpfError),
     #[error("the kernel refused the XDP program: {0}")]
     Verifier(#[source] aya::programs::ProgramError),
@@ -99,6 +103,18 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
+/// The OS error number at the root of an error chain, if there is one.
+fn errno_in_chain(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error();
+        }
+        cur = err.source();
+    }
+    None
+}
+
 /// An exclusive lock on the pin directory: two agents adopting the same pins would fight
 /// over the maps and links. The kernel drops it when the process ends, however it ends.
 fn lock_dir(base: &Path) -> Result<std::fs::File, DataplaneError> {
@@ -136,12 +152,28 @@ impl Dataplane {
             return Err(DataplaneError::NotBpffs(base.clone()));
         }
         let dir = base.join(format!("v{LAYOUT_VERSION}"));
+        let created = !dir.exists();
         std::fs::create_dir_all(&dir).map_err(|source| DataplaneError::PinDir {
             path: dir.clone(),
             source,
         })?;
         let lock = lock_dir(base)?;
         let adopted = dir.join(map_names::SERVICES).exists();
+        let loaded = Self::load_in(opts, &dir, lock, adopted);
+        if loaded.is_err() && created {
+            // Nothing was adopted: leave no empty directory or half-pinned maps behind.
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir(base);
+        }
+        loaded
+    }
+
+    fn load_in(
+        opts: &LoadOptions,
+        dir: &Path,
+        lock: std::fs::File,
+        adopted: bool,
+    ) -> Result<Self, DataplaneError> {
         // The kernel charges BPF memory to the cgroup since 5.11; raising MEMLOCK is only
         // needed (and only allowed) on older kernels, so failure is not fatal.
         let rl = libc::rlimit {
@@ -153,10 +185,16 @@ impl Dataplane {
             log::debug!("setrlimit(MEMLOCK) refused; relying on cgroup accounting of BPF memory");
         }
         let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir)
+            .default_map_pin_directory(dir)
             .map_max_entries(map_names::FLOWS, opts.flow_table_size)
             .load(OBJECT)
-            .map_err(DataplaneError::Load)?;
+            .map_err(|e| {
+                if errno_in_chain(&e) == Some(libc::EPERM) {
+                    DataplaneError::NotPermitted
+                } else {
+                    DataplaneError::Load(e)
+                }
+            })?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .expect("program is in the object")
@@ -167,7 +205,7 @@ impl Dataplane {
         let mut dp = Dataplane {
             ebpf,
             _lock: lock,
-            dir,
+            dir: dir.to_path_buf(),
             adopted,
             applied: Applied::default(),
             links: links::Links::default(),
