@@ -101,6 +101,24 @@ struct Ip {
     ip_len: u16,
 }
 
+impl Ip {
+    #[inline(always)]
+    fn with_l4(self, l4: usize, sport: u16, dport: u16, tcp_flags: u8) -> Packet {
+        Packet {
+            l3: self.l3,
+            l4,
+            family: self.family,
+            proto: self.proto,
+            src: self.src,
+            dst: self.dst,
+            sport,
+            dport,
+            tcp_flags,
+            ip_len: self.ip_len,
+        }
+    }
+}
+
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Parsed {
     let Some(eth) = ptr_at(ctx, 0, ETH_HLEN) else {
@@ -217,18 +235,7 @@ fn icmp(ctx: &XdpContext, ip: Ip, l4: usize) -> Parsed {
     };
     // SAFETY: 8 bytes checked above.
     let (kind, code) = unsafe { (*h, *h.add(1)) };
-    Parsed::Icmp(Packet {
-        l3: ip.l3,
-        l4,
-        family: ip.family,
-        proto: ip.proto,
-        src: ip.src,
-        dst: ip.dst,
-        sport: code as u16,
-        dport: 0,
-        tcp_flags: kind,
-        ip_len: ip.ip_len,
-    })
+    Parsed::Icmp(ip.with_l4(l4, code as u16, 0, kind))
 }
 
 #[inline(always)]
@@ -250,16 +257,5 @@ fn l4(ctx: &XdpContext, ip: Ip, l4: usize) -> Parsed {
         };
         (load16(h), load16(unsafe { h.add(2) }), 0)
     };
-    Parsed::Packet(Packet {
-        l3: ip.l3,
-        l4,
-        family: ip.family,
-        proto: ip.proto,
-        src: ip.src,
-        dst: ip.dst,
-        sport,
-        dport,
-        tcp_flags,
-        ip_len: ip.ip_len,
-    })
+    Parsed::Packet(ip.with_l4(l4, sport, dport, tcp_flags))
 }
