@@ -421,6 +421,51 @@ fn dsr_replies_bypass_the_data_path() {
     assert_eq!(stats(&agent)["reverse"], before["reverse"]);
 }
 
+#[test]
+fn dsr_flows_above_the_record_limit_are_served_unrecorded() {
+    require_privileged!();
+    let lab = Lab::new(lab_spec!()).unwrap();
+    let vip = vip4(8080);
+    for b in lab.backends() {
+        lab.add_vip_on_backend_lo(&b.name, vip.ip()).unwrap();
+    }
+    let svc = service(
+        "web-dsr",
+        vip,
+        "protocol = \"tcp\"\nforwarding = \"dsr\"\nsplit = { blue = 50, green = 50 }",
+        lab.backends().iter().map(|b| (b, b.http_v4())),
+        &[],
+    );
+    // Two flows recorded per CPU per second: nearly every connection below goes unrecorded.
+    let agent = Agent::start_with(&lab, "new_flow_record_limit = 2", &svc).unwrap();
+    let before = stats(&agent);
+    let (backends, errors) = new_connections(&lab, vip, 100);
+    assert!(errors.is_empty(), "errors: {errors:?}\n{}", agent.log());
+    assert!(backends.len() >= 3, "{backends:?}");
+    // Keep-alive connections: every later segment misses the table and is selected again,
+    // onto the same backend (the tables did not change).
+    let mut conns = keep_alive_connections(&lab, vip, 5);
+    for round in 0..3 {
+        assert_sticky(
+            &mut conns,
+            &vip.to_string(),
+            &format!("round {round}"),
+            || agent.log(),
+        );
+    }
+    let after = stats(&agent);
+    println!(
+        "record limit 2/s: new_flow +{}, unrecorded +{}",
+        delta(&before, &after, "new_flow"),
+        delta(&before, &after, "unrecorded")
+    );
+    assert!(delta(&before, &after, "new_flow") >= 105, "{after:?}");
+    assert!(
+        delta(&before, &after, "unrecorded") >= 50,
+        "most flows should have gone unrecorded: {after:?}"
+    );
+}
+
 // 4 ------------------------------------------------------------------------------------------
 
 #[test]

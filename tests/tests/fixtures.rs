@@ -1243,6 +1243,90 @@ fn dsr(fx: &mut Fx) {
         let want = dsr_out(fx, &s, DSR4_BE);
         fx.expect(&s.build(), ic, XDP_REDIRECT, &want, HIT_FWD)
     });
+    fx.case("tcp_syn_starts_the_flow_again", |fx| {
+        // A SYN without ACK is not looked up: it selects and records afresh (a retransmitted
+        // SYN lands on the same backend while the tables are unchanged).
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(DSR4));
+        let want = dsr_out(fx, &s, DSR4_BE);
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        let a = s.flags(TCP_ACK);
+        let want = dsr_out(fx, &a, DSR4_BE);
+        fx.expect(&a.build(), ic, XDP_REDIRECT, &want, HIT_FWD)
+    });
+    fx.case("dsr_record_limit_forwards_unrecorded_flows", |fx| {
+        let limited = zdd_common::Config {
+            record_limit: 2,
+            ..zdd_common::Config::default()
+        };
+        fx.t.dp
+            .write_config(&limited)
+            .map_err(|e| format!("{e:#}"))?;
+        let r = (|| {
+            reset_record_window(fx)?;
+            let unrecorded: &[(Stat, u64)] = &[
+                (Stat::NewFlow, 1),
+                (Stat::Unrecorded, 1),
+                (Stat::Forward, 1),
+            ];
+            let ports = [fx.port(), fx.port(), fx.port()];
+            for (i, p) in ports.into_iter().enumerate() {
+                let s = fx.client_frame(PROTO_TCP, c4(p), sa(DSR4));
+                let want = dsr_out(fx, &s, DSR4_BE);
+                let deltas = if i < 2 { NEW_FWD } else { unrecorded };
+                fx.expect(&s.build(), ic, XDP_REDIRECT, &want, deltas)
+                    .map_err(|e| format!("SYN {i}: {e}"))?;
+                let recorded = fx.flow(c4(p), sa(DSR4), PROTO_TCP).is_some();
+                if recorded != (i < 2) {
+                    return Err(format!("SYN {i}: recorded {recorded}, limit 2 per second"));
+                }
+            }
+            // Later packets of the unrecorded flow: same backend by the tables, and recorded
+            // once a new window starts.
+            let a = fx
+                .client_frame(PROTO_TCP, c4(ports[2]), sa(DSR4))
+                .flags(TCP_ACK);
+            let want = dsr_out(fx, &a, DSR4_BE);
+            fx.expect(&a.build(), ic, XDP_REDIRECT, &want, unrecorded)
+                .map_err(|e| format!("unrecorded ACK: {e}"))?;
+            reset_record_window(fx)?;
+            fx.expect(&a.build(), ic, XDP_REDIRECT, &want, NEW_FWD)
+                .map_err(|e| format!("ACK in a new window: {e}"))?;
+            fx.expect(&a.build(), ic, XDP_REDIRECT, &want, HIT_FWD)
+        })();
+        fx.t.dp
+            .write_config(&zdd_common::Config::default())
+            .map_err(|e| format!("{e:#}"))?;
+        r
+    });
+    fx.case("nat_flows_are_recorded_above_the_record_limit", |fx| {
+        // nat replies are translated by the flow entry: the limit never applies to nat.
+        let limited = zdd_common::Config {
+            record_limit: 1,
+            ..zdd_common::Config::default()
+        };
+        fx.t.dp
+            .write_config(&limited)
+            .map_err(|e| format!("{e:#}"))?;
+        let r = (|| {
+            reset_record_window(fx)?;
+            for _ in 0..3 {
+                let p = fx.port();
+                let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+                let want = fx.nat_out(&s, sa(WEB4_BLUE));
+                fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+                if fx.flow(c4(p), sa(WEB4), PROTO_TCP).is_none() {
+                    return Err("a nat flow was not recorded".into());
+                }
+            }
+            Ok(())
+        })();
+        fx.t.dp
+            .write_config(&zdd_common::Config::default())
+            .map_err(|e| format!("{e:#}"))?;
+        r
+    });
     fx.case("dsr_v4_udp_only_macs_change", |fx| {
         let p = fx.port();
         let s = fx.client_frame(PROTO_UDP, c4(p), sa(DSR4U));
@@ -2243,4 +2327,20 @@ impl Fx<'_> {
         .map(drop)
         .map_err(|e| format!("opening the flow: {e}"))
     }
+}
+
+/// Starts a new record-limit window on every CPU (as if a second had passed).
+fn reset_record_window(fx: &mut Fx) -> R {
+    use aya::maps::{PerCpuArray, PerCpuValues};
+    let m =
+        fx.t.dp
+            .ebpf_mut()
+            .map_mut(map_names::RECORDS)
+            .ok_or("no record-window map")?;
+    let mut w: PerCpuArray<_, zdd_common::RecordWindow> =
+        PerCpuArray::try_from(m).map_err(|e| e.to_string())?;
+    let n = aya::util::nr_cpus().map_err(|(_, e)| e.to_string())?;
+    let fresh = PerCpuValues::try_from(vec![zdd_common::RecordWindow::default(); n])
+        .map_err(|e| e.to_string())?;
+    w.set(0, fresh, 0).map_err(|e| e.to_string())
 }

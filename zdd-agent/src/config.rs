@@ -51,6 +51,8 @@ pub struct AgentSection {
     pub udp_idle_timeout: Option<String>,
     #[serde(default)]
     pub nexthop_refresh: Option<String>,
+    #[serde(default)]
+    pub new_flow_record_limit: Option<i64>,
 }
 
 fn default_mode() -> String {
@@ -145,6 +147,9 @@ pub struct AgentSettings {
     /// Longest time a cached next hop is used without a FIB lookup (route and neighbour
     /// changes refresh it at once anyway).
     pub nexthop_refresh: Duration,
+    /// New dsr flows recorded per CPU per second (0: no limit); above it they are forwarded
+    /// by the current tables without a flow-table entry.
+    pub new_flow_record_limit: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,6 +266,15 @@ fn validate_agent(a: &AgentSection) -> Result<AgentSettings, Invalid> {
             }
         }
     };
+    let new_flow_record_limit = match a.new_flow_record_limit {
+        None => zdd_common::DEFAULT_RECORD_LIMIT,
+        Some(n) => u32::try_from(n).map_err(|_| {
+            (
+                at("new_flow_record_limit"),
+                format!("{n}: must be between 0 (no limit) and {}", u32::MAX),
+            )
+        })?,
+    };
     Ok(AgentSettings {
         interfaces: a.interfaces.clone(),
         xdp_mode,
@@ -270,6 +284,7 @@ fn validate_agent(a: &AgentSection) -> Result<AgentSettings, Invalid> {
         tcp_idle: dur("tcp_idle_timeout", &a.tcp_idle_timeout, 3600)?,
         udp_idle: dur("udp_idle_timeout", &a.udp_idle_timeout, 30)?,
         nexthop_refresh: dur("nexthop_refresh", &a.nexthop_refresh, 1)?,
+        new_flow_record_limit,
     })
 }
 
@@ -623,6 +638,29 @@ group = "green"
         assert_eq!(s.pins[0].prefix.len, 16);
         assert_eq!(c.agent.xdp_mode, XdpModeSetting::Auto);
         assert_eq!(c.agent.tcp_idle, Duration::from_secs(3600));
+        assert_eq!(
+            c.agent.new_flow_record_limit,
+            zdd_common::DEFAULT_RECORD_LIMIT
+        );
+    }
+
+    #[test]
+    fn record_limit() {
+        let with =
+            |v: &str| GOOD.replace("[agent]", &format!("[agent]\nnew_flow_record_limit = {v}"));
+        let c = parse(Path::new("zdd.toml"), &with("0")).unwrap();
+        assert_eq!(c.agent.new_flow_record_limit, 0);
+        let c = parse(Path::new("zdd.toml"), &with("5000")).unwrap();
+        assert_eq!(c.agent.new_flow_record_limit, 5000);
+        let e = err(&with("-1"));
+        assert!(
+            e.contains("agent.new_flow_record_limit") && e.contains("-1: must be between 0"),
+            "{e}"
+        );
+        let e = err(&with("4294967296"));
+        assert!(e.contains("agent.new_flow_record_limit"), "{e}");
+        let e = err(&with("\"lots\""));
+        assert!(e.contains("new_flow_record_limit"), "{e}");
     }
 
     #[test]

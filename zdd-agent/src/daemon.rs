@@ -18,6 +18,7 @@ pub fn dp_config(a: &AgentSettings) -> zdd_common::Config {
         tcp_idle_ns: a.tcp_idle.as_nanos() as u64,
         udp_idle_ns: a.udp_idle.as_nanos() as u64,
         nexthop_ttl_ns: a.nexthop_refresh.as_nanos() as u64,
+        record_limit: a.new_flow_record_limit,
         ..Default::default()
     }
 }

@@ -12,7 +12,7 @@ pub mod hash;
 
 /// Version of the map layout below. Pinned maps live under a directory named after it, so
 /// an agent never adopts maps whose layout it does not understand.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as declared in the XDP program and pinned under bpffs.
 pub mod map_names {
@@ -30,12 +30,15 @@ pub mod map_names {
     pub const GLOBAL_STATS: &str = "ZDD_GLOBAL_STATS";
     pub const SERVICE_STATS: &str = "ZDD_SERVICE_STATS";
     pub const BACKEND_STATS: &str = "ZDD_BACKEND_STATS";
+    pub const RECORDS: &str = "ZDD_RECORDS";
 }
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "zdd_xdp";
 /// Name of the benchmark floor program (MAC swap, XDP_TX) in the same object.
 pub const FLOOR_PROGRAM_NAME: &str = "zdd_floor";
+/// Name of the benchmark calibration program (the floor plus one flow-table insert).
+pub const INSERT_PROBE_PROGRAM_NAME: &str = "zdd_insert_probe";
 
 pub const MAX_SERVICES: u32 = 256;
 /// Backend ids are `u16` in the Maglev tables.
@@ -262,7 +265,9 @@ pub struct PortFlags {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     pub layout_version: u32,
-    pub _pad: u32,
+    /// New dsr flows recorded per CPU per second; above it they are forwarded unrecorded
+    /// (0: no limit). nat flows are always recorded: their replies need the entry.
+    pub record_limit: u32,
     pub tcp_idle_ns: u64,
     pub udp_idle_ns: u64,
     pub closing_ns: u64,
@@ -274,13 +279,26 @@ impl Default for Config {
         const S: u64 = 1_000_000_000;
         Config {
             layout_version: LAYOUT_VERSION,
-            _pad: 0,
+            record_limit: DEFAULT_RECORD_LIMIT,
             tcp_idle_ns: 3600 * S,
             udp_idle_ns: 30 * S,
             closing_ns: 10 * S,
             nexthop_ttl_ns: S,
         }
     }
+}
+
+/// Default `Config::record_limit`: Katran's figure for the same guard (MAX_CONN_RATE).
+pub const DEFAULT_RECORD_LIMIT: u32 = 125_000;
+
+/// `RECORDS[0]`, per CPU: the one-second window of the new-flow record limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RecordWindow {
+    /// `bpf_ktime_get_coarse_ns` when the window began.
+    pub start_ns: u64,
+    /// dsr flows recorded (or refused a record) in the window.
+    pub count: u64,
 }
 
 /// Packet, byte and new-flow counts (per CPU in the maps; the agent sums them).
@@ -326,9 +344,11 @@ pub enum Stat {
     IcmpTranslated = 13,
     /// dsr: the backend's neighbour is not resolved yet (dropped; the agent resolves it).
     Unresolved = 14,
+    /// New dsr flows forwarded without a flow-table entry: above the record limit.
+    Unrecorded = 15,
 }
 
-pub const STAT_COUNT: u32 = 15;
+pub const STAT_COUNT: u32 = 16;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -347,6 +367,7 @@ impl Stat {
         Stat::Drop,
         Stat::IcmpTranslated,
         Stat::Unresolved,
+        Stat::Unrecorded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -366,6 +387,7 @@ impl Stat {
             Stat::Drop => "drop",
             Stat::IcmpTranslated => "icmp_translated",
             Stat::Unresolved => "unresolved",
+            Stat::Unrecorded => "unrecorded",
         }
     }
 }
@@ -388,6 +410,7 @@ mod pod {
     unsafe impl aya::Pod for PortFlags {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for RecordWindow {}
 }
 
 #[cfg(test)]
@@ -409,6 +432,7 @@ mod tests {
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<Counters>(), 24);
+        assert_eq!(size_of::<RecordWindow>(), 16);
         assert_eq!(
             size_of::<Selection>(),
             4 * MAX_GROUPS + SPLIT_BUCKETS as usize

@@ -5,7 +5,7 @@
 //!         → else XDP_PASS, untouched
 //!
 //!   to_backend: flow table hit? else select (pin or split → group, Maglev → backend) and
-//!   record the flow → rewrite (nat) → next hop → redirect.
+//!   record the flow (dsr: within the record limit) → rewrite (nat) → next hop → redirect.
 #![no_std]
 #![no_main]
 // Map keys and values are passed by reference: the helpers take pointers, and a by-value
@@ -20,6 +20,7 @@ mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod record;
 mod select;
 mod stats;
 
@@ -30,7 +31,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use zdd_common::{
-    Addr, Backend, Config, FlowEntry, ReplyTarget, Service, Stat, VipKey, port_flags, service_flags,
+    Addr, Backend, Config, FlowEntry, PROTO_TCP, ReplyTarget, Service, Stat, VipKey, port_flags,
+    service_flags,
 };
 
 use crate::{
@@ -38,7 +40,7 @@ use crate::{
     forward::Hop,
     maps::{ZDD_CONFIG, ZDD_PORTS, ZDD_SERVICES},
     nat::End,
-    parse::{Packet, Parsed, TCP_FIN, TCP_RST},
+    parse::{Packet, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
 
@@ -141,7 +143,15 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let cfg = config();
     let now = now();
     let key = flow::key(pkt);
-    let found = flow::lookup(&key, pkt, &cfg, now);
+    // A connection's first packet (SYN without ACK) starts a flow whatever the table holds:
+    // no lookup (as Katran does). A retransmitted SYN selects again and re-records: the same
+    // backend while the tables are unchanged; after a change, a handshake that never
+    // completed starts on the new choice, and a reused 5-tuple is a new connection anyway.
+    let found = if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        Lookup::Miss
+    } else {
+        flow::lookup(&key, pkt, &cfg, now)
+    };
     if let Lookup::Hit(hit) = found {
         stats::count_flow(hit.service, hit.backend, frame_len(ctx), false);
         let nat = hit.service_flags & service_flags::DSR == 0;
@@ -156,11 +166,15 @@ fn to_backend(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     } else {
         Stat::NewFlow
     });
-    if !flow::insert(&key, id, be, &svc, pkt, now) {
-        count(Stat::FlowTableFull);
+    let nat = svc.flags & service_flags::DSR == 0;
+    if nat || record::may_record(&cfg, now) {
+        if !flow::insert(&key, id, be, &svc, pkt, now) {
+            count(Stat::FlowTableFull);
+        }
+    } else {
+        count(Stat::Unrecorded);
     }
     stats::count_flow(svc.id, id, frame_len(ctx), true);
-    let nat = svc.flags & service_flags::DSR == 0;
     Some(deliver(ctx, pkt, id, be, nat, &cfg, now))
 }
 

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use zdd_common::{
     Backend, Config, Counters, DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, MAX_BACKENDS,
-    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PinKey, PortFlags, ReplyTarget, SLOTS,
-    STAT_COUNT, Selection, Service, ServiceState, VipKey,
+    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PinKey, PortFlags, RecordWindow,
+    ReplyTarget, SLOTS, STAT_COUNT, Selection, Service, ServiceState, VipKey,
 };
 
 /// VIP (and, with port 0 and protocol 0, a VIP address) → service.
@@ -59,3 +59,7 @@ pub static ZDD_SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SE
 
 #[map]
 pub static ZDD_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Per CPU: the window of the new-flow record limit (`record`).
+#[map]
+pub static ZDD_RECORDS: PerCpuArray<RecordWindow> = PerCpuArray::pinned(1, 0);

@@ -21,6 +21,7 @@ const UDP_HLEN: usize = 8;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// A parsed TCP or UDP packet. Addresses and ports are as on the wire.
 pub struct Packet {

@@ -279,10 +279,16 @@ impl Dataplane {
 impl Dataplane {
     /// Loads the benchmark floor program from the same object (never attached by the agent).
     pub fn load_floor(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        self.load_bench_program(zdd_common::FLOOR_PROGRAM_NAME)
+    }
+
+    /// Loads a benchmark program of the object by name (`zdd_floor`, `zdd_insert_probe`);
+    /// they share the data path's maps and are never attached by the agent.
+    pub fn load_bench_program(&mut self, name: &str) -> Result<&mut Xdp, DataplaneError> {
         let prog: &mut Xdp = self
             .ebpf
-            .program_mut(zdd_common::FLOOR_PROGRAM_NAME)
-            .expect("floor program is in the object")
+            .program_mut(name)
+            .expect("benchmark programs are in the object")
             .try_into()
             .expect("program is XDP");
         if prog.fd().is_err() {

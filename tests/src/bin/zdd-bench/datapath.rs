@@ -439,7 +439,8 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/zdd-bench-{pid}"));
     // Room for every new flow of the new-flow rows, so that no run evicts (an LRU table that
     // evicts measures eviction too), unless --flow-table asks for that.
-    let new_flows = 3 * (args.runs * args.calls + args.warmup + 1) as u32;
+    // Three recorded new-flow rows and the insert probe.
+    let new_flows = 4 * (args.runs * args.calls + args.warmup + 1) as u32;
     let table = args.table.unwrap_or(
         (new_flows + 1024)
             .max(DEFAULT_FLOW_TABLE_SIZE)
@@ -592,14 +593,38 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
     }
 
     // New flows: a distinct source address and port on every call, so every call misses.
+    // Recorded rows: no record limit, every flow gets its entry (the LRU insert). Rows above
+    // the record limit (dsr): limit 1 and this CPU's window saturated, so no call records.
+    c.bench
+        .dp
+        .write_config(&zdd_common::Config {
+            record_limit: 0,
+            ..zdd_common::Config::default()
+        })
+        .context("writing the data-path config")?;
     let mut flows_before = count_entries(c.bench.dp, map_names::FLOWS)?;
     let mut new_flow_rows = Vec::new();
     let kinds = [
-        ("new flow TCP IPv4 SYN", false, false),
-        ("new flow TCP IPv6 SYN", true, false),
-        ("new flow TCP IPv4 SYN, dsr (extra)", false, true),
+        ("new flow TCP IPv4 SYN", false, false, true),
+        ("new flow TCP IPv6 SYN", true, false, true),
+        ("new flow TCP IPv4 SYN, dsr (extra)", false, true, true),
+        (
+            "new flow TCP IPv4 SYN, dsr, above the record limit",
+            false,
+            true,
+            false,
+        ),
+        (
+            "new flow TCP IPv6 SYN, dsr, above the record limit",
+            true,
+            true,
+            false,
+        ),
     ];
-    for (name, v6, dsr) in kinds {
+    for (k, (name, v6, dsr, recorded)) in kinds.into_iter().enumerate() {
+        if !recorded {
+            saturate_record_window(c.bench.dp)?;
+        }
         let vip: IpAddr = match (v6, dsr) {
             (false, false) => VIP4_NAT.into(),
             (true, false) => VIP6_NAT.into(),
@@ -607,7 +632,7 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
             (true, true) => VIP6_DSR.into(),
         };
         // Each row its own source range: every flow of the benchmark is distinct.
-        let base: u64 = if dsr { 1 << 22 } else { 0 };
+        let base: u64 = (k as u64) << 22;
         let n = net.clone();
         let make = move |i: u64| -> Vec<u8> {
             let src: IpAddr = if v6 {
@@ -620,7 +645,15 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
                 ..client_spec(&n, src, vip, PROTO_TCP, VIP_PORT, TCP_SYN)
             })
         };
-        let per = vec![(Stat::NewFlow, 1), (Stat::Forward, 1)];
+        let per = if recorded {
+            vec![(Stat::NewFlow, 1), (Stat::Forward, 1)]
+        } else {
+            vec![
+                (Stat::NewFlow, 1),
+                (Stat::Unrecorded, 1),
+                (Stat::Forward, 1),
+            ]
+        };
         let mut case = Case {
             prog: Prog::Zdd,
             frames: Frames::Fresh(Box::new(make)),
@@ -630,21 +663,14 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
             per_packet: per.clone(),
             next: 0,
         };
-        let probe_spec = client_spec(
-            net,
-            if v6 {
-                Ipv6Addr::from((0xfd00_0064u128 << 96) + base as u128).into()
-            } else {
-                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + base as u32).into()
-            },
-            vip,
-            PROTO_TCP,
-            VIP_PORT,
-            TCP_SYN,
-        );
+        let probe_src: IpAddr = if v6 {
+            Ipv6Addr::from((0xfd00_0064u128 << 96) + base as u128).into()
+        } else {
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + base as u32).into()
+        };
         let probe_spec = Spec {
             sport: 1024,
-            ..probe_spec
+            ..client_spec(net, probe_src, vip, PROTO_TCP, VIP_PORT, TCP_SYN)
         };
         c.probe(name, &mut case, &per, |s| {
             check_forward(net, &probe_spec, s, !dsr)
@@ -652,22 +678,65 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
         let row = c.interleaved(name, &mut case, calls, String::new())?;
         let after = count_entries(c.bench.dp, map_names::FLOWS)?;
         let made = case.next as usize;
+        let want = if recorded { made } else { 0 };
         ensure!(
-            args.table.is_some() || after - flows_before == made,
-            "{name}: {made} new flows sent, but the flow table grew by {}",
+            args.table.is_some() || after - flows_before == want,
+            "{name}: {made} new flows sent, {want} to be recorded, but the flow table grew by {}",
             after.saturating_sub(flows_before)
         );
-        new_flow_rows.push((row, made, after));
+        new_flow_rows.push((row, made, after, recorded));
         flows_before = after;
     }
-    for (mut row, made, after) in new_flow_rows {
+    c.bench
+        .dp
+        .write_config(&zdd_common::Config::default())
+        .context("writing the data-path config")?;
+    for (mut row, made, after, recorded) in new_flow_rows {
+        row.note = if recorded {
+            format!(
+                "{made} distinct flows, each recorded; table then held {after} of {table} \
+                 entries{}",
+                if args.table.is_some() {
+                    " (LRU evicting)"
+                } else {
+                    " (no eviction)"
+                }
+            )
+        } else {
+            format!(
+                "{made} distinct flows, none recorded (the path of a flood above \
+                 new_flow_record_limit; Katran's reference skips its insert the same way above \
+                 125,000 new flows/s per CPU)"
+            )
+        };
+        rows.push(row);
+    }
+
+    // Calibration: the floor plus one insert of a random flow, nothing else. What recording
+    // a flow costs in the kernel alone, to read the recorded new-flow rows against.
+    {
+        let before = count_entries(c.bench.dp, map_names::FLOWS)?;
+        let mut probe = Case {
+            prog: Prog::InsertProbe,
+            ..floor_case(net, 1)
+        };
+        let mut row = c.interleaved(
+            "floor + one flow-table insert (calibration, extra)",
+            &mut probe,
+            calls,
+            String::new(),
+        )?;
+        let grew = count_entries(c.bench.dp, map_names::FLOWS)? - before;
+        let sent = args.runs * calls + args.warmup;
+        // Random keys: a few repeat, and an evicting table (--flow-table) need not grow.
+        ensure!(
+            args.table.is_some() || grew * 100 >= sent * 99,
+            "insert probe: {sent} calls but the flow table grew by only {grew}"
+        );
         row.note = format!(
-            "{made} distinct flows; table then held {after} of {table} entries{}",
-            if args.table.is_some() {
-                " (LRU evicting)"
-            } else {
-                " (no eviction)"
-            }
+            "MAC swap + one LRU insert of a random flow: the kernel's cost of recording a flow, \
+             {:.0} ns above the floor",
+            median(&row.ns) - median(&row.floor)
         );
         rows.push(row);
     }
@@ -988,4 +1057,28 @@ fn report(
          (LRU)"
     );
     o
+}
+
+/// Sets every CPU's record-limit window as if the limit had been reached, with a start in
+/// the far future so it never rolls over during the benchmark: every new dsr flow is then
+/// forwarded unrecorded (with `record_limit` ≥ 1).
+fn saturate_record_window(dp: &mut zdd_agent::maps::Dataplane) -> Result<()> {
+    use aya::maps::{PerCpuArray, PerCpuValues};
+    dp.write_config(&zdd_common::Config {
+        record_limit: 1,
+        ..zdd_common::Config::default()
+    })
+    .context("writing the data-path config")?;
+    let map = dp
+        .ebpf_mut()
+        .map_mut(map_names::RECORDS)
+        .context("the record-window map")?;
+    let mut w: PerCpuArray<_, zdd_common::RecordWindow> = PerCpuArray::try_from(map)?;
+    let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let full = zdd_common::RecordWindow {
+        start_ns: u64::MAX,
+        count: 1 << 62,
+    };
+    w.set(0, PerCpuValues::try_from(vec![full; n])?, 0)?;
+    Ok(())
 }

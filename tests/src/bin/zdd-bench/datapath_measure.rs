@@ -26,6 +26,8 @@ pub fn verdict_name(v: u32) -> &'static str {
 pub enum Prog {
     Zdd,
     Floor,
+    /// The floor plus one flow-table insert (calibration).
+    InsertProbe,
 }
 
 /// `struct xdp_md` for ctx_in: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
@@ -84,6 +86,9 @@ fn prog(dp: &mut Dataplane, p: Prog) -> Result<&mut Xdp> {
     Ok(match p {
         Prog::Zdd => dp.program_mut(),
         Prog::Floor => dp.load_floor().context("loading the floor program")?,
+        Prog::InsertProbe => dp
+            .load_bench_program(zdd_common::INSERT_PROBE_PROGRAM_NAME)
+            .context("loading the insert probe program")?,
     })
 }
 
