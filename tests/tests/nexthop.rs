@@ -1,6 +1,6 @@
-//! The next-hop cache follows the kernel: with the cache's own timer set to an hour, a route
-//! change on the edge host still takes effect for established backends at once, because the
-//! agent watches rtnetlink and drops the cached next hops.
+//! The next-hop caches follow the kernel: with the caches' own timer set to an hour, a route
+//! change on the edge host still takes effect at once, towards backends and (nat replies)
+//! towards clients, because the agent watches rtnetlink and drops the cached next hops.
 
 use std::{
     net::SocketAddr,
@@ -57,5 +57,38 @@ fn route_changes_refresh_the_cached_next_hop_at_once() {
     assert!(
         eventually(|| get().is_ok()),
         "not forwarded again after the route came back"
+    );
+}
+
+#[test]
+fn route_changes_refresh_the_cached_reply_next_hop_at_once() {
+    require_privileged!();
+    let lab = Lab::new(lab_spec!()).unwrap();
+    let agent = Agent::start_with(&lab, "nexthop_refresh = \"1h\"", &one_backend(&lab)).unwrap();
+    let vip: SocketAddr = format!("{VIP_V4}:80").parse().unwrap();
+    let get = || lab.in_ns(Node::Client, || connect_and_get(vip));
+    // Warm both caches: towards the backend and (replies) towards the client.
+    assert!(eventually(|| get().is_ok()), "{}", agent.log());
+    assert!(get().is_ok());
+    let reverse = agent.stat("reverse").unwrap();
+    assert!(reverse > 0, "replies were not translated by XDP");
+
+    // The client's address is blackholed on the edge host: the replies' FIB lookup says
+    // "no", and the cached next hop towards the client must not be used any more.
+    let client = format!("{}/32", lab.client_v4());
+    let failures = agent.stat("fib_failure").unwrap();
+    lab.ip(Node::Edge, &["route", "add", "blackhole", &client])
+        .unwrap();
+    assert!(
+        eventually(|| get().is_err() && agent.stat("fib_failure").unwrap() > failures),
+        "the cached reply next hop was still used after the route changed\n{}",
+        agent.log()
+    );
+
+    lab.ip(Node::Edge, &["route", "del", "blackhole", &client])
+        .unwrap();
+    assert!(
+        eventually(|| get().is_ok()),
+        "replies not forwarded again after the route came back"
     );
 }

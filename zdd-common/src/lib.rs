@@ -31,6 +31,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "ZDD_SERVICE_STATS";
     pub const BACKEND_STATS: &str = "ZDD_BACKEND_STATS";
     pub const RECORDS: &str = "ZDD_RECORDS";
+    pub const REPLY_HOPS: &str = "ZDD_REPLY_HOPS";
+    pub const HOP_EPOCH: &str = "ZDD_HOP_EPOCH";
 }
 
 /// Name of the XDP program in the object.
@@ -243,6 +245,19 @@ pub struct NextHop {
     pub resolved_at: u64,
 }
 
+/// Slots of the per-CPU reply next-hop cache (`REPLY_HOPS`), indexed by client hash.
+pub const REPLY_HOP_SLOTS: u32 = 4096;
+
+/// `REPLY_HOPS` slot: the next hop towards one client address, for nat replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReplyHop {
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad: [u8; 7],
+    pub hop: NextHop,
+}
+
 /// `PORTS` bits, indexed by port in host order: a cheap pre-filter that keeps traffic which
 /// cannot belong to zdd at two array reads.
 pub mod port_flags {
@@ -411,6 +426,7 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for RecordWindow {}
+    unsafe impl aya::Pod for ReplyHop {}
 }
 
 #[cfg(test)]
@@ -433,6 +449,7 @@ mod tests {
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<RecordWindow>(), 16);
+        assert_eq!(size_of::<ReplyHop>(), 48);
         assert_eq!(
             size_of::<Selection>(),
             4 * MAX_GROUPS + SPLIT_BUCKETS as usize

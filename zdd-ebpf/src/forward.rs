@@ -1,6 +1,8 @@
 //! Step 6: forward. The next hop comes from `bpf_fib_lookup`; a backend's is cached in
-//! `NEXTHOP` and refreshed after `nexthop_ttl_ns`, so an established flow pays one array
-//! read, not a FIB walk. An unresolved neighbour is left to the kernel once.
+//! `NEXTHOP`, a client's (nat replies) in `REPLY_HOPS`, each refreshed after
+//! `nexthop_ttl_ns` and dropped by the agent on route and neighbour changes, so an
+//! established flow pays array reads, not a FIB walk, in both directions. An unresolved
+//! neighbour is left to the kernel once.
 
 use aya_ebpf::{
     bindings::{
@@ -10,10 +12,10 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use zdd_common::{Addr, Backend, Config, FAMILY_V4, NextHop};
+use zdd_common::{Addr, Backend, Config, FAMILY_V4, NextHop, REPLY_HOP_SLOTS, hash};
 
 use crate::{
-    maps::ZDD_NEXTHOP,
+    maps::{ZDD_HOP_EPOCH, ZDD_NEXTHOP, ZDD_REPLY_HOPS},
     parse::{Packet, ptr_at},
 };
 
@@ -103,6 +105,43 @@ pub fn to_backend(
     let hop = fib(ctx, pkt, &pkt.src, &be.addr);
     if let Hop::Via(nh) = &hop {
         *cached = NextHop {
+            resolved_at: now.max(1),
+            ..*nh
+        };
+    }
+    hop
+}
+
+/// Next hop towards `client` for a nat reply (already translated: source `vip`), from the
+/// cache when fresh and resolved after the last route or neighbour change.
+#[inline(always)]
+pub fn to_client(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip: &Addr,
+    client: &Addr,
+    cfg: &Config,
+    now: u64,
+) -> Hop {
+    let slot = hash::client_hash(client, pkt.family) & (REPLY_HOP_SLOTS - 1);
+    let Some(c) = ZDD_REPLY_HOPS.get_ptr_mut(slot) else {
+        return fib(ctx, pkt, vip, client);
+    };
+    // SAFETY: per-CPU slot, only this CPU writes it.
+    let c = unsafe { &mut *c };
+    let epoch = ZDD_HOP_EPOCH.get(0).copied().unwrap_or(0);
+    if c.hop.resolved_at > epoch
+        && now.wrapping_sub(c.hop.resolved_at) < cfg.nexthop_ttl_ns
+        && c.family == pkt.family
+        && c.addr == *client
+    {
+        return Hop::Via(c.hop);
+    }
+    let hop = fib(ctx, pkt, vip, client);
+    if let Hop::Via(nh) = &hop {
+        c.addr = *client;
+        c.family = pkt.family;
+        c.hop = NextHop {
             resolved_at: now.max(1),
             ..*nh
         };

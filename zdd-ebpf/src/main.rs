@@ -236,7 +236,8 @@ fn to_client(ctx: &XdpContext, pkt: &Packet, t: &ReplyTarget, entry: *mut FlowEn
         return drop(Stat::Malformed);
     }
     count(Stat::Reverse);
-    match forward::fib(ctx, pkt, &t.vip, &pkt.dst) {
+    let cfg = config();
+    match forward::to_client(ctx, pkt, &t.vip, &pkt.dst, &cfg, now()) {
         Hop::Via(nh) => {
             nat::decrement_ttl(ctx, pkt);
             forward::send(ctx, &nh)

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use zdd_common::{
     Backend, Config, Counters, DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, MAX_BACKENDS,
-    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PinKey, PortFlags, RecordWindow,
-    ReplyTarget, SLOTS, STAT_COUNT, Selection, Service, ServiceState, VipKey,
+    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PinKey, PortFlags, REPLY_HOP_SLOTS,
+    RecordWindow, ReplyHop, ReplyTarget, SLOTS, STAT_COUNT, Selection, Service, ServiceState,
+    VipKey,
 };
 
 /// VIP (and, with port 0 and protocol 0, a VIP address) → service.
@@ -63,3 +64,13 @@ pub static ZDD_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BA
 /// Per CPU: the window of the new-flow record limit (`record`).
 #[map]
 pub static ZDD_RECORDS: PerCpuArray<RecordWindow> = PerCpuArray::pinned(1, 0);
+
+/// Per CPU: next hops towards clients, for nat replies (a direct-mapped cache by client hash;
+/// per CPU, so a slot is never written by two CPUs at once).
+#[map]
+pub static ZDD_REPLY_HOPS: PerCpuArray<ReplyHop> = PerCpuArray::pinned(REPLY_HOP_SLOTS, 0);
+
+/// `bpf_ktime_get_coarse_ns` of the last route or neighbour change the agent saw: reply next
+/// hops resolved before it are stale.
+#[map]
+pub static ZDD_HOP_EPOCH: Array<u64> = Array::pinned(1, 0);

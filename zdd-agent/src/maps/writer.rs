@@ -485,6 +485,13 @@ impl Dataplane {
             nh.set(*id as u32, NextHop::default(), 0)
                 .map_err(map_err(n::NEXTHOP))?;
         }
+        // Reply next hops (per CPU, by client) are many: one epoch write marks them all stale.
+        let mut epoch: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut(n::HOP_EPOCH).unwrap())
+                .map_err(map_err(n::HOP_EPOCH))?;
+        epoch
+            .set(0, coarse_now_ns(), 0)
+            .map_err(map_err(n::HOP_EPOCH))?;
         Ok(ids.len())
     }
 
@@ -888,4 +895,15 @@ fn pin_bytes(k: &PinKey) -> [u8; 24] {
     b[5] = k.family;
     b[6..22].copy_from_slice(&k.addr);
     b
+}
+
+/// `CLOCK_MONOTONIC_COARSE`, the clock of the data path's `bpf_ktime_get_coarse_ns`.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a pointer to a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -588,7 +588,7 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
             "nat reply TCP IPv4 (extra)",
             &mut case,
             calls,
-            "backend → client: source back to the VIP, FIB lookup on every packet".into(),
+            "backend → client: source back to the VIP, next hop from the reply cache".into(),
         )?);
     }
 
@@ -605,9 +605,14 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
     let mut flows_before = count_entries(c.bench.dp, map_names::FLOWS)?;
     let mut new_flow_rows = Vec::new();
     let kinds = [
-        ("new flow TCP IPv4 SYN", false, false, true),
-        ("new flow TCP IPv6 SYN", true, false, true),
-        ("new flow TCP IPv4 SYN, dsr (extra)", false, true, true),
+        ("new flow TCP IPv4 SYN, recorded", false, false, true),
+        ("new flow TCP IPv6 SYN, recorded", true, false, true),
+        (
+            "new flow TCP IPv4 SYN, dsr, recorded (extra)",
+            false,
+            true,
+            true,
+        ),
         (
             "new flow TCP IPv4 SYN, dsr, above the record limit",
             false,

@@ -156,23 +156,35 @@ struct Opts {
 impl Opts {
     fn parse(args: &[String]) -> Result<Opts> {
         let mut quick = false;
-        for a in args {
+        let mut rounds = None;
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
             match a.as_str() {
                 "--quick" => quick = true,
+                "--rounds" => {
+                    let v = it.next().context("--rounds needs a number")?;
+                    let n: usize = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=20).contains(n))
+                        .with_context(|| format!("--rounds {v:?}: use 1 to 20"))?;
+                    rounds = Some(n);
+                }
                 "-h" | "--help" => {
                     println!(
-                        "zdd-bench e2e [--quick]: wrk through the lab, direct vs nftables vs zdd \
-                         nat/dsr\n  --quick  3 s runs, one round (default: 10 s runs, median of 3)"
+                        "zdd-bench e2e [--quick] [--rounds N]: wrk through the lab, direct vs \
+                         nftables vs zdd nat/dsr\n  --quick   3 s runs, one round (default: 10 s \
+                         runs, 3 rounds)\n  --rounds  rounds of interleaved runs (1..20)"
                     );
                     std::process::exit(0);
                 }
-                _ => bail!("unknown argument {a:?} (use --quick)"),
+                _ => bail!("unknown argument {a:?} (use --quick, --rounds N)"),
             }
         }
         Ok(Opts {
             quick,
             secs: if quick { 3 } else { 10 },
-            rounds: if quick { 1 } else { 3 },
+            rounds: rounds.unwrap_or(if quick { 1 } else { 3 }),
         })
     }
 }
@@ -271,6 +283,8 @@ fn counters_delta(before: &Counters, after: &Counters) -> Counters {
 }
 
 struct RunRecord {
+    /// Round the run belongs to (ratios pair each run with the same round's direct run).
+    round: usize,
     path: PathKind,
     load: LoadKind,
     before: LoadSample,
@@ -282,6 +296,7 @@ struct RunRecord {
 struct Bench<'a> {
     lab: &'a Lab,
     opts: &'a Opts,
+    round: usize,
     sources: Sources,
     runs: Vec<RunRecord>,
     /// Problems found by the checks, for the summary.
@@ -385,6 +400,7 @@ impl Bench<'_> {
             ));
         }
         self.runs.push(RunRecord {
+            round: self.round,
             path,
             load,
             before,
@@ -670,8 +686,23 @@ fn report(bench: &Bench, opts: &Opts) {
             table.insert((load, path), summarize(&bench.runs, path, load));
         }
     }
-    let ratio = |load, path| {
-        table[&(load, path)].rps / table[&(load, PathKind::Direct)].rps.max(f64::MIN_POSITIVE)
+    // Each path's run against the direct run of the same round, then the median over rounds:
+    // pairs runs made close together, so slow drifts of the shared machine cancel.
+    let ratio = |load: LoadKind, path: PathKind| {
+        let rps = |p: PathKind, round: usize| {
+            bench
+                .runs
+                .iter()
+                .find(|r| r.path == p && r.load == load && r.round == round)
+                .map(|r| r.wrk.rps)
+        };
+        median(
+            (0..opts.rounds)
+                .filter_map(|round| {
+                    Some(rps(path, round)? / rps(PathKind::Direct, round)?.max(f64::MIN_POSITIVE))
+                })
+                .collect(),
+        )
     };
 
     println!();
@@ -693,7 +724,9 @@ fn report(bench: &Bench, opts: &Opts) {
             opts.rounds
         );
         println!();
-        println!("| path | load | req/s | p50 | p99 | errors | × direct |");
+        println!(
+            "| path | load | req/s | p50 | p99 | errors | × direct (median of per-round ratios) |"
+        );
         println!("|---|---|---|---|---|---|---|");
         for path in PathKind::ALL {
             let s = &table[&(load, path)];
@@ -875,6 +908,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut bench = Bench {
         lab: &lab,
         opts: &opts,
+        round: 0,
         sources: Sources {
             next: FIRST_RUN_SOURCE,
         },
@@ -883,6 +917,7 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     for round in 0..opts.rounds {
         println!("round {}/{}", round + 1, opts.rounds);
+        bench.round = round;
         // Rotate which setup goes first, so that no path always follows the same one.
         for i in 0..Setup::ALL.len() {
             let setup = Setup::ALL[(round + i) % Setup::ALL.len()];
