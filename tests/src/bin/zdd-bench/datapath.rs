@@ -592,6 +592,36 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
         )?);
     }
 
+    // Calibration: the floor plus one insert of a random flow, nothing else. What recording
+    // a flow costs in the kernel alone, to read the recorded new-flow rows against. Measured
+    // first, into the emptiest table, so that it is not inflated by the rows' flows.
+    let calibration = {
+        let before = count_entries(c.bench.dp, map_names::FLOWS)?;
+        let mut probe = Case {
+            prog: Prog::InsertProbe,
+            ..floor_case(net, 1)
+        };
+        let mut row = c.interleaved(
+            "floor + one flow-table insert (calibration, extra)",
+            &mut probe,
+            calls,
+            String::new(),
+        )?;
+        let grew = count_entries(c.bench.dp, map_names::FLOWS)? - before;
+        let sent = args.runs * calls + args.warmup;
+        // Random keys: a few repeat, and an evicting table (--flow-table) need not grow.
+        ensure!(
+            args.table.is_some() || grew * 100 >= sent * 99,
+            "insert probe: {sent} calls but the flow table grew by only {grew}"
+        );
+        row.note = format!(
+            "MAC swap + one LRU insert of a random flow: the kernel's cost of recording a flow, \
+             {:.0} ns above the floor",
+            median(&row.ns) - median(&row.floor)
+        );
+        row
+    };
+
     // New flows: a distinct source address and port on every call, so every call misses.
     // Recorded rows: no record limit, every flow gets its entry (the LRU insert). Rows above
     // the record limit (dsr): limit 1 and this CPU's window saturated, so no call records.
@@ -716,35 +746,7 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
         };
         rows.push(row);
     }
-
-    // Calibration: the floor plus one insert of a random flow, nothing else. What recording
-    // a flow costs in the kernel alone, to read the recorded new-flow rows against.
-    {
-        let before = count_entries(c.bench.dp, map_names::FLOWS)?;
-        let mut probe = Case {
-            prog: Prog::InsertProbe,
-            ..floor_case(net, 1)
-        };
-        let mut row = c.interleaved(
-            "floor + one flow-table insert (calibration, extra)",
-            &mut probe,
-            calls,
-            String::new(),
-        )?;
-        let grew = count_entries(c.bench.dp, map_names::FLOWS)? - before;
-        let sent = args.runs * calls + args.warmup;
-        // Random keys: a few repeat, and an evicting table (--flow-table) need not grow.
-        ensure!(
-            args.table.is_some() || grew * 100 >= sent * 99,
-            "insert probe: {sent} calls but the flow table grew by only {grew}"
-        );
-        row.note = format!(
-            "MAC swap + one LRU insert of a random flow: the kernel's cost of recording a flow, \
-             {:.0} ns above the floor",
-            median(&row.ns) - median(&row.floor)
-        );
-        rows.push(row);
-    }
+    rows.push(calibration);
 
     // Not for zdd: passes untouched.
     let pass_spec = Spec {
