@@ -1263,6 +1263,8 @@ fn dsr(fx: &mut Fx) {
         fx.t.dp
             .write_config(&limited)
             .map_err(|e| format!("{e:#}"))?;
+        // The record window is per CPU: every call of this case on one CPU.
+        let _cpu = OneCpu::here()?;
         let r = (|| {
             reset_record_window(fx)?;
             let unrecorded: &[(Stat, u64)] = &[
@@ -2343,4 +2345,46 @@ fn reset_record_window(fx: &mut Fx) -> R {
     let fresh = PerCpuValues::try_from(vec![zdd_common::RecordWindow::default(); n])
         .map_err(|e| e.to_string())?;
     w.set(0, fresh, 0).map_err(|e| e.to_string())
+}
+
+/// Keeps the calling thread on the CPU it runs on until dropped (the previous mask back).
+struct OneCpu(libc::cpu_set_t);
+
+impl OneCpu {
+    fn here() -> Result<OneCpu, String> {
+        // SAFETY: cpu_set_t is plain data; the calls get the calling thread (pid 0) and a
+        // pointer to a set of the size given.
+        unsafe {
+            let mut old: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            if libc::sched_getaffinity(0, size, &mut old) != 0 {
+                return Err(format!(
+                    "sched_getaffinity: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let cpu = libc::sched_getcpu();
+            if cpu < 0 {
+                return Err(format!("sched_getcpu: {}", std::io::Error::last_os_error()));
+            }
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut one);
+            if libc::sched_setaffinity(0, size, &one) != 0 {
+                return Err(format!(
+                    "sched_setaffinity: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(OneCpu(old))
+        }
+    }
+}
+
+impl Drop for OneCpu {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `here`.
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0);
+        }
+    }
 }
