@@ -366,10 +366,8 @@ fn udp_nat_answers_from_the_vip_and_keeps_a_source_port_on_one_backend() {
 
 // 3 ------------------------------------------------------------------------------------------
 
-#[test]
-fn dsr_replies_bypass_the_data_path() {
-    require_privileged!();
-    let lab = Lab::new(lab_spec!()).unwrap();
+/// A dsr service on VIP:8080 over every backend (each holds the VIP on its loopback).
+fn dsr_web(lab: &Lab) -> (SocketAddr, String) {
     let vip = vip4(8080);
     for b in lab.backends() {
         lab.add_vip_on_backend_lo(&b.name, vip.ip()).unwrap();
@@ -381,6 +379,14 @@ fn dsr_replies_bypass_the_data_path() {
         lab.backends().iter().map(|b| (b, b.http_v4())),
         &[],
     );
+    (vip, svc)
+}
+
+#[test]
+fn dsr_replies_bypass_the_data_path() {
+    require_privileged!();
+    let lab = Lab::new(lab_spec!()).unwrap();
+    let (vip, svc) = dsr_web(&lab);
     let agent = Agent::start(&lab, &svc).unwrap();
     let before = stats(&agent);
     let (backends, errors) = new_connections(&lab, vip, 100);
@@ -425,17 +431,7 @@ fn dsr_replies_bypass_the_data_path() {
 fn dsr_flows_above_the_record_limit_are_served_unrecorded() {
     require_privileged!();
     let lab = Lab::new(lab_spec!()).unwrap();
-    let vip = vip4(8080);
-    for b in lab.backends() {
-        lab.add_vip_on_backend_lo(&b.name, vip.ip()).unwrap();
-    }
-    let svc = service(
-        "web-dsr",
-        vip,
-        "protocol = \"tcp\"\nforwarding = \"dsr\"\nsplit = { blue = 50, green = 50 }",
-        lab.backends().iter().map(|b| (b, b.http_v4())),
-        &[],
-    );
+    let (vip, svc) = dsr_web(&lab);
     // Two flows recorded per CPU per second: nearly every connection below goes unrecorded.
     let agent = Agent::start_with(&lab, "new_flow_record_limit = 2", &svc).unwrap();
     let before = stats(&agent);

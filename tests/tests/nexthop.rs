@@ -42,21 +42,27 @@ fn route_changes_refresh_the_cached_next_hop_at_once() {
     assert_eq!(get().unwrap().backend, "blue-1");
 
     // The operator blackholes the backend: the FIB says "no", so must the data path.
+    blackhole_takes_effect_at_once(&lab, &agent, "10.0.2.11/32", "next hop");
+}
+
+/// Blackholes `prefix` on the edge host: requests through the VIP must fail at once (the
+/// cached next hop is not used) and work again as soon as the route is removed.
+fn blackhole_takes_effect_at_once(lab: &Lab, agent: &Agent, prefix: &str, what: &str) {
+    let vip: SocketAddr = format!("{VIP_V4}:80").parse().unwrap();
+    let get = || lab.in_ns(Node::Client, || connect_and_get(vip));
     let failures = agent.stat("fib_failure").unwrap();
-    lab.ip(Node::Edge, &["route", "add", "blackhole", "10.0.2.11/32"])
+    lab.ip(Node::Edge, &["route", "add", "blackhole", prefix])
         .unwrap();
     assert!(
         eventually(|| get().is_err() && agent.stat("fib_failure").unwrap() > failures),
-        "the cached next hop was still used after the route changed\n{}",
+        "the cached {what} was still used after the route changed\n{}",
         agent.log()
     );
-
-    // And back: the route is removed, the backend is reachable again.
-    lab.ip(Node::Edge, &["route", "del", "blackhole", "10.0.2.11/32"])
+    lab.ip(Node::Edge, &["route", "del", "blackhole", prefix])
         .unwrap();
     assert!(
         eventually(|| get().is_ok()),
-        "not forwarded again after the route came back"
+        "{what}: not forwarded again after the route came back"
     );
 }
 
@@ -76,19 +82,5 @@ fn route_changes_refresh_the_cached_reply_next_hop_at_once() {
     // The client's address is blackholed on the edge host: the replies' FIB lookup says
     // "no", and the cached next hop towards the client must not be used any more.
     let client = format!("{}/32", lab.client_v4());
-    let failures = agent.stat("fib_failure").unwrap();
-    lab.ip(Node::Edge, &["route", "add", "blackhole", &client])
-        .unwrap();
-    assert!(
-        eventually(|| get().is_err() && agent.stat("fib_failure").unwrap() > failures),
-        "the cached reply next hop was still used after the route changed\n{}",
-        agent.log()
-    );
-
-    lab.ip(Node::Edge, &["route", "del", "blackhole", &client])
-        .unwrap();
-    assert!(
-        eventually(|| get().is_ok()),
-        "replies not forwarded again after the route came back"
-    );
+    blackhole_takes_effect_at_once(&lab, &agent, &client, "reply next hop");
 }
