@@ -30,16 +30,27 @@ fn eventually(mut ok: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// One request through the VIP from the client.
+fn get(lab: &Lab) -> anyhow::Result<zdd_tests::Response> {
+    let vip: SocketAddr = format!("{VIP_V4}:80").parse().unwrap();
+    lab.in_ns(Node::Client, || connect_and_get(vip))
+}
+
+/// The agent with the caches' own timer at an hour, and both caches warm (towards the
+/// backend and, for replies, towards the client; the first packet may go through the kernel
+/// while ARP resolves).
+fn started_and_warm(lab: &Lab) -> Agent<'_> {
+    let agent = Agent::start_with(lab, "nexthop_refresh = \"1h\"", &one_backend(lab)).unwrap();
+    assert!(eventually(|| get(lab).is_ok()), "{}", agent.log());
+    agent
+}
+
 #[test]
 fn route_changes_refresh_the_cached_next_hop_at_once() {
     require_privileged!();
     let lab = Lab::new(lab_spec!()).unwrap();
-    let agent = Agent::start_with(&lab, "nexthop_refresh = \"1h\"", &one_backend(&lab)).unwrap();
-    let vip: SocketAddr = format!("{VIP_V4}:80").parse().unwrap();
-    let get = || lab.in_ns(Node::Client, || connect_and_get(vip));
-    // Warm the cache (the first packet may go through the kernel while ARP resolves).
-    assert!(eventually(|| get().is_ok()), "{}", agent.log());
-    assert_eq!(get().unwrap().backend, "blue-1");
+    let agent = started_and_warm(&lab);
+    assert_eq!(get(&lab).unwrap().backend, "blue-1");
 
     // The operator blackholes the backend: the FIB says "no", so must the data path.
     blackhole_takes_effect_at_once(&lab, &agent, "10.0.2.11/32", "next hop");
@@ -48,8 +59,7 @@ fn route_changes_refresh_the_cached_next_hop_at_once() {
 /// Blackholes `prefix` on the edge host: requests through the VIP must fail at once (the
 /// cached next hop is not used) and work again as soon as the route is removed.
 fn blackhole_takes_effect_at_once(lab: &Lab, agent: &Agent, prefix: &str, what: &str) {
-    let vip: SocketAddr = format!("{VIP_V4}:80").parse().unwrap();
-    let get = || lab.in_ns(Node::Client, || connect_and_get(vip));
+    let get = || get(lab);
     let failures = agent.stat("fib_failure").unwrap();
     lab.ip(Node::Edge, &["route", "add", "blackhole", prefix])
         .unwrap();
@@ -70,12 +80,8 @@ fn blackhole_takes_effect_at_once(lab: &Lab, agent: &Agent, prefix: &str, what: 
 fn route_changes_refresh_the_cached_reply_next_hop_at_once() {
     require_privileged!();
     let lab = Lab::new(lab_spec!()).unwrap();
-    let agent = Agent::start_with(&lab, "nexthop_refresh = \"1h\"", &one_backend(&lab)).unwrap();
-    let vip: SocketAddr = format!("{VIP_V4}:80").parse().unwrap();
-    let get = || lab.in_ns(Node::Client, || connect_and_get(vip));
-    // Warm both caches: towards the backend and (replies) towards the client.
-    assert!(eventually(|| get().is_ok()), "{}", agent.log());
-    assert!(get().is_ok());
+    let agent = started_and_warm(&lab);
+    assert!(get(&lab).is_ok());
     let reverse = agent.stat("reverse").unwrap();
     assert!(reverse > 0, "replies were not translated by XDP");
 
