@@ -9,12 +9,42 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use zdd_agent::api::{StatsResult, StatusResult};
 
 use crate::lab::{ChildGuard, EDGE_BACKEND_IFACE, EDGE_CLIENT_IFACE, Lab, Node};
 
 /// The VIP the lab tests use (routed to the edge by the client's default route).
 pub const VIP_V4: &str = "10.0.100.1";
 pub const VIP_V6: &str = "fd00:100::1";
+
+/// The `[[services]]` table most lab tests use: service "web" on `VIP_V4:80` (tcp, nat) with
+/// `split` (TOML, e.g. `blue = 100, green = 0`) and every backend of the lab (IPv4, weight
+/// 100).
+pub fn web_service(lab: &Lab, split: &str) -> String {
+    let mut s =
+        format!("[[services]]\nname = \"web\"\nvip = \"{VIP_V4}:80\"\nsplit = {{ {split} }}\n");
+    for b in lab.backends() {
+        s += &format!(
+            "\n[[services.backends]]\nname = \"{}\"\naddr = \"{}\"\ngroup = \"{}\"\n",
+            b.name,
+            b.http_v4(),
+            b.group
+        );
+    }
+    s
+}
+
+/// The data path's upgrade-test variant (other bytes, same maps and behaviour), built by
+/// `cargo xtask test` as target/ebpf/zdd-variant.bpf.o.
+pub fn variant_object() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/zdd-variant.bpf.o");
+    assert!(
+        p.is_file(),
+        "{} is not built: run `cargo xtask test` (it builds the variant object)",
+        p.display()
+    );
+    p
+}
 
 /// Path of a workspace binary next to the running test executable (target/<profile>/).
 pub fn workspace_bin(name: &str) -> PathBuf {
@@ -46,6 +76,8 @@ pub struct Agent<'a> {
     reloads: usize,
     /// Extra `[agent]` settings (TOML lines) given to [`Agent::start_with`], kept on reloads.
     agent_extra: String,
+    /// Leave the pins when dropped (a restart hands them to the next agent).
+    keep_pins: bool,
 }
 
 impl<'a> Agent<'a> {
@@ -57,11 +89,16 @@ impl<'a> Agent<'a> {
     /// As [`Agent::config_text`], with `agent_extra` (TOML lines such as
     /// `flow_table_size = 1024`) added to the `[agent]` section.
     pub fn config_text_with(lab: &Lab, agent_extra: &str, services: &str) -> String {
+        Self::config_text_in(lab, &Self::pin_dir_of(lab), agent_extra, services)
+    }
+
+    fn config_text_in(lab: &Lab, pin_dir: &Path, agent_extra: &str, services: &str) -> String {
         format!(
             "[agent]\ninterfaces = [\"{EDGE_CLIENT_IFACE}\", \"{EDGE_BACKEND_IFACE}\"]\n\
-             pin_dir = \"{}\"\nsocket = \"{}\"\n{agent_extra}\n\n{services}\n",
-            Self::pin_dir_of(lab).display(),
-            lab.log_dir().join("zdd.sock").display()
+             pin_dir = \"{}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n{agent_extra}\n\n{services}\n",
+            pin_dir.display(),
+            lab.log_dir().join("zdd.sock").display(),
+            lab.log_dir().join("state").display()
         )
     }
 
@@ -77,8 +114,44 @@ impl<'a> Agent<'a> {
     /// As [`Agent::start`], with extra `[agent]` settings (TOML lines, e.g.
     /// `flow_table_size = 1024`); [`Agent::reload`] keeps them.
     pub fn start_with(lab: &'a Lab, agent_extra: &str, services: &str) -> Result<Agent<'a>> {
+        Self::start_in(lab, &Self::pin_dir_of(lab), agent_extra, services)
+    }
+
+    /// As [`Agent::start_with`], with `agent.pin_dir = pin_dir` (removed on drop as well).
+    pub fn start_in(
+        lab: &'a Lab,
+        pin_dir: &Path,
+        agent_extra: &str,
+        services: &str,
+    ) -> Result<Agent<'a>> {
         let config = lab.log_dir().join("zdd.toml");
-        std::fs::write(&config, Self::config_text_with(lab, agent_extra, services))?;
+        std::fs::write(
+            &config,
+            Self::config_text_in(lab, pin_dir, agent_extra, services),
+        )?;
+        let mut agent = Self::spawn(lab, pin_dir, agent_extra, config, false)?;
+        agent.wait_for("zdd-agent ready", 1, Duration::from_secs(15))?;
+        Ok(agent)
+    }
+
+    fn spawn(
+        lab: &'a Lab,
+        pin_dir: &Path,
+        agent_extra: &str,
+        config: PathBuf,
+        keep_pins: bool,
+    ) -> Result<Agent<'a>> {
+        Self::spawn_env(lab, pin_dir, agent_extra, config, keep_pins, &[])
+    }
+
+    fn spawn_env(
+        lab: &'a Lab,
+        pin_dir: &Path,
+        agent_extra: &str,
+        config: PathBuf,
+        keep_pins: bool,
+        env: &[(&str, &Path)],
+    ) -> Result<Agent<'a>> {
         let log = lab.log_dir().join("zdd-agent.log");
         let out = std::fs::File::create(&log)?;
         let mut cmd = Command::new(workspace_bin("zdd-agent"));
@@ -89,18 +162,20 @@ impl<'a> Agent<'a> {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let child = lab.spawn(Node::Edge, cmd)?;
-        let mut agent = Agent {
+        Ok(Agent {
             lab,
             child: Some(child),
             config,
             log,
-            pin_dir: Self::pin_dir_of(lab),
+            pin_dir: pin_dir.to_path_buf(),
             reloads: 0,
             agent_extra: agent_extra.to_string(),
-        };
-        agent.wait_for("zdd-agent ready", 1, Duration::from_secs(15))?;
-        Ok(agent)
+            keep_pins,
+        })
     }
 
     pub fn log(&self) -> String {
@@ -113,6 +188,21 @@ impl<'a> Agent<'a> {
 
     pub fn config_path(&self) -> &Path {
         &self.config
+    }
+
+    /// The control socket (`agent.socket` in the lab's config).
+    pub fn socket_path(&self) -> PathBuf {
+        self.lab.log_dir().join("zdd.sock")
+    }
+
+    /// The state directory (`agent.state_dir` in the lab's config).
+    pub fn state_dir(&self) -> PathBuf {
+        self.lab.log_dir().join("state")
+    }
+
+    /// Sends one request line (JSON text) on a fresh connection and returns the answer.
+    pub fn ask(&self, request: &str) -> Result<serde_json::Value> {
+        crate::control::Client::connect(&self.socket_path())?.ask(request)
     }
 
     fn wait_for(&mut self, needle: &str, count: usize, limit: Duration) -> Result<()> {
@@ -139,7 +229,7 @@ impl<'a> Agent<'a> {
     pub fn reload(&mut self, services: &str) -> Result<()> {
         std::fs::write(
             &self.config,
-            Self::config_text_with(self.lab, &self.agent_extra, services),
+            Self::config_text_in(self.lab, &self.pin_dir, &self.agent_extra, services),
         )?;
         self.reload_file()
     }
@@ -189,6 +279,34 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// Starts a new agent on the same pins, state and config (the old one stopped or
+    /// killed before), with `services`. On failure the pins are left as they are (a failed
+    /// start must not take the data path down); [`PinsGuard`] removes them at the end.
+    pub fn restart(old: Agent<'a>, services: &str) -> Result<Agent<'a>> {
+        Self::restart_with_env(old, services, &[])
+    }
+
+    /// As [`Agent::restart`], with extra environment for the new agent (e.g.
+    /// `ZDD_XDP_OBJECT`, to start a rebuilt program).
+    pub fn restart_with_env(
+        mut old: Agent<'a>,
+        services: &str,
+        env: &[(&str, &Path)],
+    ) -> Result<Agent<'a>> {
+        old.keep_pins = true;
+        let (lab, pin_dir, extra) = (old.lab, old.pin_dir.clone(), old.agent_extra.clone());
+        drop(old);
+        let config = lab.log_dir().join("zdd.toml");
+        std::fs::write(
+            &config,
+            Self::config_text_in(lab, &pin_dir, &extra, services),
+        )?;
+        let mut agent = Self::spawn_env(lab, &pin_dir, &extra, config, true, env)?;
+        agent.wait_for("zdd-agent ready", 1, Duration::from_secs(15))?;
+        agent.keep_pins = false;
+        Ok(agent)
+    }
+
     /// SIGKILL: the agent dies without cleaning up (a crash).
     pub fn kill(&mut self) -> Result<()> {
         let mut c = self.child.take().context("agent not running")?;
@@ -196,43 +314,111 @@ impl<'a> Agent<'a> {
         Ok(())
     }
 
-    /// Runs `zdd --pin-dir <ours> ARGS` and returns stdout.
-    pub fn zdd(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(workspace_bin("zdd"))
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
+    /// The `zdd` command aimed at this agent's control socket (`zdd --socket PATH`), for the
+    /// caller to add arguments to: for a child that streams (`events --follow`), or output the
+    /// caller judges itself.
+    pub fn zdd_command(&self) -> Command {
+        let mut c = Command::new(workspace_bin("zdd"));
+        c.env_remove("ZDD_SOCKET")
+            .arg("--socket")
+            .arg(self.socket_path())
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `zdd --socket <ours> ARGS` and returns how it ended, whatever its exit code.
+    pub fn zdd_run(&self, args: &[&str]) -> Result<ZddRun> {
+        let out = self
+            .zdd_command()
             .args(args)
-            .output()?;
-        if !out.status.success() {
-            bail!("zdd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            .output()
+            .with_context(|| format!("running zdd {args:?}"))?;
+        Ok(ZddRun {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
     }
 
-    /// (packets, bytes, new flows) of a service (`"service"`, by `VIP:port/proto`) or a
-    /// backend (`"backend"`, by `addr:port`), read with `zdd stats`; None if not listed.
+    /// Runs `zdd --socket <ours> ARGS` and returns stdout; an error (with stderr) unless it
+    /// exited 0.
+    pub fn zdd(&self, args: &[&str]) -> Result<String> {
+        let r = self.zdd_run(args)?;
+        if r.code != 0 {
+            bail!("zdd {args:?} exited {}: {}{}", r.code, r.stderr, r.stdout);
+        }
+        Ok(r.stdout)
+    }
+
+    /// Runs `zdd --socket <ours> --json ARGS` and parses its output (one JSON value); an
+    /// error unless it exited 0.
+    pub fn zdd_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.zdd(&all)?;
+        serde_json::from_str(out.trim()).with_context(|| format!("zdd {all:?} printed {out:?}"))
+    }
+
+    /// The data-path counters, read with `zdd --json stats`.
+    pub fn stats(&self) -> Result<StatsResult> {
+        let v = self.zdd_json(&["stats"])?;
+        serde_json::from_value(v.clone()).with_context(|| format!("zdd --json stats printed {v}"))
+    }
+
+    /// (packets, bytes, new flows) of a service (`"service"`: by name, by `VIP:port`, or by
+    /// `VIP:port/proto`) or a backend (`"backend"`: by `service/name` or by `addr:port`),
+    /// read with `zdd --json stats`; None if not listed.
     pub fn counters(&self, kind: &str, what: &str) -> Result<Option<(u64, u64, u64)>> {
-        let out = self.zdd(&["stats"])?;
-        for l in out.lines() {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            if w.len() == 8 && w[0] == kind && w[1] == what {
-                let n = |i: usize| w[i].parse::<u64>().with_context(|| format!("in {l:?}"));
-                return Ok(Some((n(3)?, n(5)?, n(7)?)));
+        let stats = self.stats()?;
+        let rows = match kind {
+            "service" => &stats.services,
+            "backend" => &stats.backends,
+            _ => bail!("counters of {kind:?}: say \"service\" or \"backend\""),
+        };
+        // `VIP:port/proto`: the service with that VIP and protocol, from `zdd --json status`
+        // (the stats rows give the VIP, not the protocol).
+        let named = match what.rsplit_once('/') {
+            Some((vip, proto)) if kind == "service" => {
+                let st = self.zdd_json(&["status"])?;
+                let status: StatusResult = serde_json::from_value(st.clone())
+                    .with_context(|| format!("zdd --json status printed {st}"))?;
+                match status
+                    .services
+                    .iter()
+                    .find(|s| s.vip == vip && s.protocol == proto)
+                {
+                    Some(s) => s.name.clone(),
+                    None => return Ok(None),
+                }
             }
-        }
-        Ok(None)
+            _ => what.to_string(),
+        };
+        Ok(rows
+            .iter()
+            .find(|r| r.name == named || r.addr == named)
+            .map(|r| (r.packets, r.bytes, r.new_flows)))
     }
 
-    /// One data-path counter, read with `zdd stats`.
+    /// One data-path counter (`forward`, `reselected`, ... as in the README), read with
+    /// `zdd --json stats`.
     pub fn stat(&self, name: &str) -> Result<u64> {
-        let out = self.zdd(&["stats"])?;
-        out.lines()
-            .find_map(|l| {
-                let mut it = l.split_whitespace();
-                (it.next() == Some(name)).then(|| it.next()?.parse().ok())?
-            })
-            .with_context(|| format!("no counter {name} in:\n{out}"))
+        let stats = self.stats()?;
+        stats.global.get(name).copied().with_context(|| {
+            format!(
+                "no counter {name} in zdd stats: {:?}",
+                stats.global.keys().collect::<Vec<_>>()
+            )
+        })
     }
+}
+
+/// How a `zdd` run ended: [`Agent::zdd_run`].
+#[derive(Debug, Clone)]
+pub struct ZddRun {
+    /// The exit code (-1: killed by a signal).
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 impl Drop for Agent<'_> {
@@ -248,8 +434,18 @@ impl Drop for Agent<'_> {
             }
         }
         // A crashed agent leaves pins (that is their point); the test's are removed here.
-        if self.pin_dir.exists() {
+        if !self.keep_pins && self.pin_dir.exists() {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
+    }
+}
+
+/// Removes an agent's pin directory when dropped (for tests whose last agent failed to start
+/// and so left the pins to forward).
+pub struct PinsGuard(pub PathBuf);
+
+impl Drop for PinsGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -36,6 +36,23 @@ pub fn connect_and_get(addr: SocketAddr) -> Result<Response> {
     request(&mut s, &addr.to_string(), "/", true).with_context(|| format!("GET from {addr}"))
 }
 
+/// As [`connect_and_get`], from source address `src` (one of the client's addresses).
+pub fn connect_from_and_get(src: std::net::IpAddr, addr: SocketAddr) -> Result<Response> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(src, 0).into())
+        .with_context(|| format!("binding to {src}"))?;
+    sock.connect_timeout(&addr.into(), IO_TIMEOUT)
+        .with_context(|| format!("connecting to {addr} from {src}"))?;
+    let mut s: TcpStream = sock.into();
+    request(&mut s, &addr.to_string(), "/", true)
+        .with_context(|| format!("GET from {addr} (source {src})"))
+}
+
 fn request(s: &mut TcpStream, host: &str, path: &str, close: bool) -> Result<Response> {
     if s.read_timeout()?.is_none() {
         s.set_read_timeout(Some(IO_TIMEOUT))?;

@@ -2,12 +2,14 @@
 //! the backend server it runs (`zdd-lab-server`), and a minimal HTTP client ([`http`]).
 
 pub mod agent;
+pub mod control;
 pub mod http;
 pub mod lab;
+pub mod load;
 pub mod packet;
 
 pub use agent::{Agent, VIP_V4, VIP_V6};
-pub use http::{Response, connect_and_get, http_get};
+pub use http::{Response, connect_and_get, connect_from_and_get, http_get};
 pub use lab::{Backend, ChildGuard, Lab, LabSpec, Node, preflight, privileged_or_skip};
 
 /// A [`LabSpec`] (default backends) that starts `zdd-lab-server` on every backend.

@@ -205,6 +205,35 @@ pub fn quote(ip_packet: &[u8], transport_bytes: Option<usize>) -> Vec<u8> {
     ip_packet[..n].to_vec()
 }
 
+/// Bytes of the original IP packet that zdd's own "too big" errors quote: the longest IPv4
+/// header and 8 bytes (RFC 792's minimum for any header length); for IPv6 as much as fits in
+/// the minimum MTU, 1280 − 40 − 8 (RFC 4443).
+pub const TOO_BIG_QUOTE_V4: usize = 68;
+pub const TOO_BIG_QUOTE_V6: usize = 1232;
+
+/// What zdd answers to `original` (a frame as it arrived) when it is larger than the MTU
+/// `mtu` towards its next hop: ICMP fragmentation needed (IPv4) / packet too big (IPv6) from
+/// `from` (zdd uses the frame's destination) to the frame's sender, quoting the start of the original IP packet (see
+/// [`TOO_BIG_QUOTE_V4`]), sent back to the MAC it came from, VLAN tag kept. Its IPv4 header:
+/// DF, id 0, TOS 0, TTL 64; IPv6: traffic class and flow label 0, hop limit 64.
+pub fn too_big_answer(original: &FrameSpec, from: IpAddr, mtu: u32) -> FrameSpec {
+    let ip = original.ip_packet();
+    let mut s = if from.is_ipv4() {
+        let q = &ip[..TOO_BIG_QUOTE_V4.min(ip.len())];
+        FrameSpec::frag_needed(from, original.src, mtu as u16, q)
+    } else {
+        let q = &ip[..TOO_BIG_QUOTE_V6.min(ip.len())];
+        FrameSpec::packet_too_big(from, original.src, mtu, q)
+    };
+    s.ip_id = 0;
+    s.ipv4_frag = 0x4000;
+    s.tos = 0;
+    s.ttl = 64;
+    s.flow_label = 0;
+    s.vlan = original.vlan;
+    s.macs(original.dst_mac, original.src_mac)
+}
+
 /// Offset, inside a quoted IPv4/IPv6 packet (as [`quote`] returns it), of its TCP or UDP
 /// checksum field, if the quote reaches the whole field.
 pub fn quoted_l4_checksum_at(quoted: &[u8]) -> Option<usize> {
@@ -1207,7 +1236,7 @@ impl TestRunner {
         let mut out = vec![0u8; frame.len() + 256];
         let r = self
             .dp
-            .program_mut()
+            .program_mut()?
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),

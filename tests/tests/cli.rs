@@ -1,12 +1,26 @@
 //! `zdd-agent check` as a user runs it: exit status and message for a good and a bad config.
 
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use zdd_tests::agent::workspace_bin;
 
+/// A new empty folder of this process's own: the tests run in parallel threads, and two of
+/// them may check configs of the same length (the old name used the length), so the name
+/// comes from a counter.
+fn fresh_dir() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("zdd-cli-{}-{n}", std::process::id()));
+    // Left over from an earlier run whose pid was the same.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    dir
+}
+
 fn check(text: &str) -> (i32, String, String) {
-    let dir = std::env::temp_dir().join(format!("zdd-cli-{}-{}", std::process::id(), text.len()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir();
     let path = dir.join("zdd.toml");
     std::fs::write(&path, text).unwrap();
     let out = Command::new(workspace_bin("zdd-agent"))

@@ -69,6 +69,17 @@ const RN4: &str = "10.0.100.9:80";
 const RN4_BE: &str = "10.0.2.91:8080";
 const NOROUTE4: &str = "10.0.100.10:80";
 const DSRNN4: &str = "10.0.100.11:80";
+// Backends behind a route with a smaller MTU (`SMALL_MTU`, locked): frames too big for it.
+const MTU4: &str = "10.0.100.12:80";
+const MTU4_BE: &str = "10.0.3.11:8080";
+const MTU4U: &str = "10.0.100.12:53";
+const MTU4U_BE: &str = "10.0.3.12:5353";
+const MTU6: &str = "[fd00:100::12]:80";
+const MTU6_BE: &str = "[fd00:3::11]:8080";
+const MTUDSR4: &str = "10.0.100.13:80";
+const MTUDSR4_BE: &str = "10.0.3.31:80";
+/// The MTU of the routes to the `MTU*` backends and to the `CLIENT*_SMALL` clients.
+const SMALL_MTU: u32 = 1280;
 
 const CLIENT4: &str = "10.0.1.2";
 const CLIENT4_PINNED: &str = "10.0.1.200";
@@ -77,6 +88,9 @@ const CLIENT6: &str = "fd00:1::2";
 const CLIENT6_PINNED: &str = "fd00:1::1:0:0:2";
 /// A client on the backends' side (eth1): its flows leave by the interface they came in.
 const CLIENT4_HAIRPIN: &str = "10.0.2.200";
+/// Clients behind a route with the smaller MTU (for replies too big for it).
+const CLIENT4_SMALL: &str = "10.0.4.2";
+const CLIENT6_SMALL: &str = "fd00:4::2";
 
 /// (service, vip, protocol, forwarding, affinity, split, backends (name, addr, group, weight), pins)
 type Svc = (
@@ -294,6 +308,46 @@ fn services() -> Vec<Svc> {
             "flow",
             "blue = 100",
             one("noroute4-1", "192.0.2.1:8080"),
+            vec![],
+        ),
+        (
+            "mtu4",
+            MTU4,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100",
+            one("mtu4-1", MTU4_BE),
+            vec![],
+        ),
+        (
+            "mtu4u",
+            MTU4U,
+            "udp",
+            "nat",
+            "flow",
+            "blue = 100",
+            one("mtu4u-1", MTU4U_BE),
+            vec![],
+        ),
+        (
+            "mtu6",
+            MTU6,
+            "tcp",
+            "nat",
+            "flow",
+            "blue = 100",
+            one("mtu6-1", MTU6_BE),
+            vec![],
+        ),
+        (
+            "mtudsr4",
+            MTUDSR4,
+            "tcp",
+            "dsr",
+            "flow",
+            "blue = 100",
+            one("mtudsr4-1", MTUDSR4_BE),
             vec![],
         ),
     ]
@@ -556,7 +610,8 @@ fn fixtures() {
     for (name, r) in &failed {
         println!("\nFAILED {name}: {}", r.as_ref().unwrap_err());
     }
-    assert!(results.len() >= 60, "only {} cases", results.len());
+    // Exact: a case that silently stopped being registered is a failure too.
+    assert_eq!(results.len(), FIXTURE_CASES, "fixture cases run");
     assert!(
         failed.is_empty(),
         "{} of {} fixture cases failed: {}",
@@ -569,6 +624,9 @@ fn fixtures() {
             .join(", ")
     );
 }
+
+/// How many cases `run_all` registers.
+const FIXTURE_CASES: usize = 154;
 
 fn run_all(lab: &Lab) -> Vec<(String, R)> {
     let mut t = TestRunner::load("fx", 65_536).expect("loading");
@@ -598,6 +656,24 @@ fn run_all(lab: &Lab) -> Vec<(String, R)> {
         fx.neigh(c, "eth0");
     }
     fx.neigh(CLIENT4_HAIRPIN, "eth1");
+    // Routes with a smaller MTU, locked (so forwarding uses it, not the device's): to the
+    // `MTU*` backends and to the `CLIENT*_SMALL` clients.
+    let mtu = SMALL_MTU.to_string();
+    for (net, dev) in [
+        ("10.0.3.0/24", "eth1"),
+        ("fd00:3::/64", "eth1"),
+        ("10.0.4.0/24", "eth0"),
+        ("fd00:4::/64", "eth0"),
+    ] {
+        lab.ip(
+            Node::Edge,
+            &["route", "add", net, "dev", dev, "mtu", "lock", &mtu],
+        )
+        .expect("adding a small-MTU route");
+    }
+    for c in [CLIENT4_SMALL, CLIENT6_SMALL] {
+        fx.neigh(c, "eth0");
+    }
 
     not_for_zdd(&mut fx);
     fragments(&mut fx);
@@ -609,6 +685,7 @@ fn run_all(lab: &Lab) -> Vec<(String, R)> {
     next_hops(&mut fx);
     removed_backend(&mut fx);
     icmp_errors(&mut fx);
+    too_big(&mut fx);
     fx.results
 }
 
@@ -2387,4 +2464,269 @@ impl Drop for OneCpu {
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0);
         }
     }
+}
+
+/// Frames larger than the MTU towards their next hop (the `MTU*` services and `CLIENT*_SMALL`
+/// clients sit behind routes with `SMALL_MTU`): with DF or IPv6, answered by the program with
+/// ICMP fragmentation needed / packet too big from the frame's destination (the VIP for a
+/// client's frame, the client for a nat reply), quoting the frame as it arrived;
+/// IPv4 without DF: translated and left to the kernel to fragment (nat) or dropped (dsr).
+/// Both from a FIB lookup (the first packet towards a next hop) and from the next-hop caches.
+fn too_big(fx: &mut Fx) {
+    let (ic, ib) = (fx.if_c, fx.if_b);
+    let big = vec![0x5a; 1300];
+    const TOO_BIG: &[(Stat, u64)] = &[(Stat::TooBig, 1)];
+    const NEW_TOO_BIG: &[(Stat, u64)] = &[(Stat::NewFlow, 1), (Stat::TooBig, 1)];
+    const DF: u16 = 0x4000;
+    let data = TCP_ACK | TCP_PSH;
+
+    fx.case(
+        "too_big_v4_tcp_nat_from_fib_icmp_frag_needed_from_vip",
+        |fx| {
+            // A flow's first packet, nothing cached for its backend yet: the FIB says too big.
+            let p = fx.port();
+            let s = fx
+                .client_frame(PROTO_TCP, c4(p), sa(MTU4))
+                .flags(data)
+                .ipv4_frag(DF)
+                .payload(&big);
+            let want = too_big_answer(&s, sa(MTU4).ip(), SMALL_MTU).build();
+            fx.expect(&s.build(), ic, XDP_TX, &want, NEW_TOO_BIG)
+        },
+    );
+    fx.case(
+        "too_big_v4_tcp_nat_cached_next_hop_icmp_and_mtu_fits",
+        |fx| {
+            let p = fx.port();
+            let s = fx.client_frame(PROTO_TCP, c4(p), sa(MTU4)).ipv4_frag(DF);
+            // The SYN caches the backend's next hop, with its MTU.
+            let want = fx.nat_out(&s, sa(MTU4_BE));
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+            let b = s.flags(data).payload(&big);
+            let want = too_big_answer(&b, sa(MTU4).ip(), SMALL_MTU).build();
+            fx.expect(&b.build(), ic, XDP_TX, &want, TOO_BIG)
+                .map_err(|e| format!("too big, next hop cached: {e}"))?;
+            // Exactly the MTU (20 + 20 + 1240 bytes) fits.
+            let fit = b.payload(&big[..SMALL_MTU as usize - 40]);
+            let want = fx.nat_out(&fit, sa(MTU4_BE));
+            fx.expect(&fit.build(), ic, XDP_REDIRECT, &want, HIT_FWD)
+                .map_err(|e| format!("MTU-sized: {e}"))
+        },
+    );
+    fx.case(
+        "too_big_v4_vlan_and_60_byte_header_quote_68_bytes_tag_kept",
+        |fx| {
+            let p = fx.port();
+            let s = fx
+                .client_frame(PROTO_TCP, c4(p), sa(MTU4))
+                .vlan(0x2005)
+                .ipv4_options(&[1; 40])
+                .flags(data)
+                .ipv4_frag(DF)
+                .payload(&big);
+            let want = too_big_answer(&s, sa(MTU4).ip(), SMALL_MTU).build();
+            fx.expect(&s.build(), ic, XDP_TX, &want, NEW_TOO_BIG)
+        },
+    );
+    fx.case(
+        "too_big_v6_tcp_nat_from_fib_packet_too_big_from_vip",
+        |fx| {
+            let p = fx.port();
+            let s = fx
+                .client_frame(PROTO_TCP, c6(p), sa(MTU6))
+                .flags(data)
+                .payload(&big);
+            let want = too_big_answer(&s, sa(MTU6).ip(), SMALL_MTU).build();
+            fx.expect(&s.build(), ic, XDP_TX, &want, NEW_TOO_BIG)
+        },
+    );
+    fx.case("too_big_v6_tcp_nat_cached_next_hop_and_mtu_fits", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c6(p), sa(MTU6));
+        let want = fx.nat_out(&s, sa(MTU6_BE));
+        fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+        let b = s.flags(data).payload(&big);
+        let want = too_big_answer(&b, sa(MTU6).ip(), SMALL_MTU).build();
+        fx.expect(&b.build(), ic, XDP_TX, &want, TOO_BIG)
+            .map_err(|e| format!("too big, next hop cached: {e}"))?;
+        let fit = b.payload(&big[..SMALL_MTU as usize - 60]);
+        let want = fx.nat_out(&fit, sa(MTU6_BE));
+        fx.expect(&fit.build(), ic, XDP_REDIRECT, &want, HIT_FWD)
+            .map_err(|e| format!("MTU-sized: {e}"))
+    });
+    fx.case("too_big_v4_udp_nat_df_icmp_from_vip", |fx| {
+        let p = fx.port();
+        let s = fx
+            .client_frame(PROTO_UDP, c4(p), sa(MTU4U))
+            .ipv4_frag(DF)
+            .payload(&big);
+        let want = too_big_answer(&s, sa(MTU4U).ip(), SMALL_MTU).build();
+        fx.expect(&s.build(), ic, XDP_TX, &want, NEW_TOO_BIG)
+    });
+    fx.case(
+        "too_big_v4_udp_nat_without_df_translated_for_the_kernel",
+        |fx| {
+            // Without DF a router fragments: translated, handed to the kernel (TTL and MACs are
+            // the kernel's to change).
+            let p = fx.port();
+            let s = fx.client_frame(PROTO_UDP, c4(p), sa(MTU4U)).payload(&big);
+            let want = s.clone().dst(sa(MTU4U_BE)).build();
+            fx.expect(
+                &s.build(),
+                ic,
+                XDP_PASS,
+                &want,
+                &[
+                    (Stat::NewFlow, 1),
+                    (Stat::FragmentedByKernel, 1),
+                    (Stat::PassToKernel, 1),
+                ],
+            )
+        },
+    );
+    fx.case("too_big_v4_dsr_df_icmp_from_vip", |fx| {
+        let p = fx.port();
+        let s = fx
+            .client_frame(PROTO_TCP, c4(p), sa(MTUDSR4))
+            .flags(data)
+            .ipv4_frag(DF)
+            .payload(&big);
+        let want = too_big_answer(&s, sa(MTUDSR4).ip(), SMALL_MTU).build();
+        fx.expect(&s.build(), ic, XDP_TX, &want, NEW_TOO_BIG)
+    });
+    fx.case("too_big_v4_dsr_without_df_dropped", |fx| {
+        // dsr cannot hand it to the kernel (it would route the VIP elsewhere).
+        let p = fx.port();
+        let s = fx
+            .client_frame(PROTO_TCP, c4(p), sa(MTUDSR4))
+            .flags(data)
+            .payload(&big);
+        fx.untouched(
+            &s.build(),
+            ic,
+            XDP_DROP,
+            &[
+                (Stat::NewFlow, 1),
+                (Stat::TooBigDropped, 1),
+                (Stat::Drop, 1),
+            ],
+        )
+    });
+    for (name, client, vip, backend) in [
+        (
+            "too_big_v4_nat_reply_icmp_to_backend_fib_then_cache",
+            CLIENT4_SMALL,
+            MTU4,
+            MTU4_BE,
+        ),
+        (
+            "too_big_v6_nat_reply_icmp_to_backend_fib_then_cache",
+            CLIENT6_SMALL,
+            MTU6,
+            MTU6_BE,
+        ),
+    ] {
+        fx.case(name, |fx| {
+            // The reply cache is per CPU: stay on one.
+            let _cpu = OneCpu::here()?;
+            let p = fx.port();
+            let cl = SocketAddr::new(ip(client), p);
+            let s = fx.client_frame(PROTO_TCP, cl, sa(vip));
+            let want = fx.nat_out(&s, sa(backend));
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+            let r = fx
+                .backend_frame(PROTO_TCP, sa(backend), cl)
+                .flags(data)
+                .ipv4_frag(DF)
+                .payload(&big);
+            // The backend hears it from the reply's destination (the client), about its reply as
+            // it sent it.
+            let want = too_big_answer(&r, cl.ip(), SMALL_MTU).build();
+            fx.expect(&r.build(), ib, XDP_TX, &want, TOO_BIG)
+                .map_err(|e| format!("from the FIB: {e}"))?;
+            // A reply that fits fills the reply cache, MTU included...
+            let small = r.clone().payload(b"ok");
+            let out = fx.reply_out(&small, sa(vip));
+            fx.expect(&small.build(), ib, XDP_REDIRECT, &out, REVERSE)?;
+            // ...and the cache catches the next big one.
+            fx.expect(&r.build(), ib, XDP_TX, &want, TOO_BIG)
+                .map_err(|e| format!("from the reply cache: {e}"))
+        });
+    }
+    fx.case(
+        "too_big_v4_nat_reply_without_df_translated_for_the_kernel",
+        |fx| {
+            let p = fx.port();
+            let cl = SocketAddr::new(ip(CLIENT4_SMALL), p);
+            let s = fx.client_frame(PROTO_UDP, cl, sa(MTU4U));
+            let want = fx.nat_out(&s, sa(MTU4U_BE));
+            fx.expect(&s.build(), ic, XDP_REDIRECT, &want, NEW_FWD)?;
+            let r = fx.backend_frame(PROTO_UDP, sa(MTU4U_BE), cl).payload(&big);
+            let want = r.clone().src(sa(MTU4U)).build();
+            fx.expect(
+                &r.build(),
+                ib,
+                XDP_PASS,
+                &want,
+                &[
+                    (Stat::Reverse, 1),
+                    (Stat::FragmentedByKernel, 1),
+                    (Stat::PassToKernel, 1),
+                ],
+            )
+        },
+    );
+    fx.case(
+        "too_big_icmp_error_for_a_backend_dropped_never_answered",
+        |fx| {
+            // An error (quoting a whole big reply) too big for the backend's next hop: never
+            // answered with another error.
+            let p = fx.port();
+            fx.open(PROTO_TCP, c4(p), sa(MTU4))?;
+            let sent = FrameSpec::tcp(sa(MTU4), c4(p)).flags(data).payload(&big);
+            let f = fx
+                .to_vip(FrameSpec::frag_needed(
+                    ip(ROUTER4_C),
+                    sa(MTU4).ip(),
+                    1000,
+                    &quote(&sent.ip_packet(), None),
+                ))
+                .build();
+            fx.untouched(
+                &f,
+                ic,
+                XDP_DROP,
+                &[
+                    (Stat::IcmpTranslated, 1),
+                    (Stat::TooBigDropped, 1),
+                    (Stat::Drop, 1),
+                ],
+            )
+        },
+    );
+    fx.case("too_big_answers_verify_with_the_independent_parser", |fx| {
+        // Every answer above is compared byte for byte with the builder's; this one checks
+        // what the parser reads in one of them: type, code, MTU, and a quote that is the
+        // frame as it arrived.
+        let p = fx.port();
+        let s = fx
+            .client_frame(PROTO_TCP, c4(p), sa(MTU4))
+            .flags(data)
+            .ipv4_frag(DF)
+            .payload(&big);
+        let out = fx.run(&s.build(), ic, XDP_TX, NEW_TOO_BIG)?;
+        let pk = verify(&out).map_err(|e| format!("does not verify: {e}"))?;
+        let i = pk.icmp.as_ref().ok_or("no ICMP")?;
+        ensure(
+            i.kind == ICMP_DEST_UNREACH && i.code == ICMP_FRAG_NEEDED,
+            || format!("type {} code {}", i.kind, i.code),
+        )?;
+        ensure(i.rest == SMALL_MTU, || format!("MTU {}", i.rest))?;
+        let q = i.quoted.as_ref().ok_or("no quote")?;
+        ensure(
+            q.src_sock() == Some(c4(p)) && q.dst_sock() == Some(sa(MTU4)),
+            || format!("quote {:?} -> {:?}", q.src_sock(), q.dst_sock()),
+        )?;
+        icmp_checksums_checked(&out)
+    });
 }

@@ -3,8 +3,9 @@
 //! program, and every result is held to these properties:
 //!
 //! 1. A frame that is neither addressed to a VIP (by the independent parser of
-//!    `zdd_tests::packet`) nor a reply of a nat flow present in `ZDD_REVERSE` comes out
-//!    untouched with XDP_PASS; a fragment to a VIP address may instead be dropped, untouched.
+//!    `zdd_tests::packet`) nor a reply of a nat flow (one whose source is a nat backend in
+//!    `ZDD_REPLIES` and whose forward flow is in `ZDD_FLOWS`) comes out untouched with
+//!    XDP_PASS; a fragment to a VIP address may instead be dropped, untouched.
 //! 2. An altered frame parses, differs from its input only where nat or dsr may write (MACs,
 //!    TTL, IP checksum, the translated address and port, the L4 checksum), carries a backend
 //!    address (forward) or the VIP (reply), and a TTL equal to or one below the input's.
@@ -23,6 +24,11 @@
 //!    ICMP/ICMPv6 with pseudo-header, quoted IPv4 header) is still right. One towards the
 //!    backend with TTL ≤ 1 passes untouched. Every other ICMP frame comes out untouched.
 //!
+//! 6. The counters add up over the run: every XDP_DROP verdict is counted in `drop`, `drop`
+//!    is the sum of the drop reasons, `malformed` (passed untouched) never exceeds the frames
+//!    that came out untouched with XDP_PASS, and `rewrite_failed` (a frame that parsed but
+//!    could not be rewritten) never happens.
+//!
 //! `ZDD_FUZZ_FRAMES` sets the number of frames (default 200,000), `ZDD_FUZZ_SEED` the seed
 //! (printed, so a failure can be replayed).
 
@@ -31,7 +37,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use aya::maps::HashMap;
-use zdd_common::{FlowEntry, FlowKey, map_names};
+use zdd_common::{FlowEntry, FlowKey, Stat, map_names};
 use zdd_tests::packet::*;
 use zdd_tests::{Lab, LabSpec, Node, require_privileged};
 
@@ -1072,8 +1078,12 @@ struct Tally {
     icmp_errors: u64,
     icmp_translated: u64,
     icmp_checked: u64,
+    /// Frames that came out untouched with XDP_PASS.
+    untouched_pass: u64,
     failures: Vec<String>,
     failed: u64,
+    /// Growth of every counter over the run, in `Stat::ALL` order.
+    counters: Vec<u64>,
 }
 
 fn check(
@@ -1105,6 +1115,7 @@ fn check(
     tally.verdicts[(v as usize).min(4)] += 1;
     tally.vip += vip.is_some() as u64;
     tally.replies += rev.is_some() as u64;
+    tally.untouched_pass += (v == XDP_PASS && out == input) as u64;
     if v > XDP_REDIRECT || v == XDP_ABORTED {
         return Err(format!("verdict {}", verdict_name(v)));
     }
@@ -1233,6 +1244,37 @@ fn fuzz_frames_through_the_program() {
         tally.0.failures[0]
     );
     assert_eq!(tally.0.frames, frames);
+    // Property 6: counters that mean one thing each.
+    let grew = |s: Stat| tally.0.counters[s as usize];
+    let reasons = [
+        Stat::Fragment,
+        Stat::NoBackend,
+        Stat::FibFailure,
+        Stat::Unresolved,
+        Stat::RewriteFailed,
+        Stat::TooBigDropped,
+    ];
+    assert_eq!(
+        grew(Stat::Drop),
+        tally.0.verdicts[XDP_DROP as usize],
+        "every XDP_DROP verdict is counted in `drop`"
+    );
+    assert_eq!(
+        grew(Stat::Drop),
+        reasons.iter().map(|r| grew(*r)).sum::<u64>(),
+        "`drop` is the sum of the drop reasons {reasons:?}"
+    );
+    assert!(
+        grew(Stat::Malformed) <= tally.0.untouched_pass,
+        "`malformed` grew by {}, but only {} frames came out untouched with XDP_PASS",
+        grew(Stat::Malformed),
+        tally.0.untouched_pass
+    );
+    assert_eq!(
+        grew(Stat::RewriteFailed),
+        0,
+        "a parsed frame could not be rewritten"
+    );
     assert!(
         tally.0.altered_checked > 0,
         "no altered frame had right checksums: weak run"
@@ -1277,9 +1319,12 @@ fn run(lab: &Lab, frames: u64, seed: u64) -> (Tally, std::time::Duration) {
         icmp_errors: 0,
         icmp_translated: 0,
         icmp_checked: 0,
+        untouched_pass: 0,
         failures: Vec::new(),
         failed: 0,
+        counters: Vec::new(),
     };
+    let before = t.stats();
     // The base frames themselves first: this creates the flows whose replies are fuzzed.
     let started = Instant::now();
     let record = |tally: &mut Tally, i: u64, input: &[u8], ingress: u32, e: String| {
@@ -1344,5 +1389,7 @@ fn run(lab: &Lab, frames: u64, seed: u64) -> (Tally, std::time::Duration) {
         }
         i += 1;
     }
+    let after = t.stats();
+    tally.counters = before.iter().zip(&after).map(|(b, a)| a - b).collect();
     (tally, started.elapsed())
 }

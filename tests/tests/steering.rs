@@ -166,25 +166,60 @@ fn traffic_not_for_a_vip_passes_untouched() {
 }
 
 #[test]
-fn stopping_the_agent_detaches_everything() {
+fn stopping_the_agent_keeps_forwarding_and_detach_removes_everything() {
     require_privileged!();
     let lab = Lab::new(lab_spec!()).unwrap();
     let mut agent = Agent::start(&lab, &web(&lab, "blue = 100, green = 0")).unwrap();
+    let has_xdp = |iface: &str| {
+        lab.ip(Node::Edge, &["-d", "link", "show", iface])
+            .unwrap()
+            .contains("xdp")
+    };
     for iface in ["eth0", "eth1"] {
-        let link = lab.ip(Node::Edge, &["-d", "link", "show", iface]).unwrap();
-        assert!(
-            link.contains("xdp"),
-            "{iface} has no XDP program while running:\n{link}"
-        );
+        assert!(has_xdp(iface), "{iface} has no XDP program while running");
     }
+    let config = agent.config_path().to_path_buf();
+    let detach = || {
+        lab.exec(
+            Node::Edge,
+            &[
+                zdd_tests::agent::workspace_bin("zdd-agent").as_os_str(),
+                std::ffi::OsStr::new("detach"),
+                std::ffi::OsStr::new("--config"),
+                config.as_os_str(),
+            ],
+        )
+    };
+    // Not while an agent runs (exec fails on a non-zero exit, with its stderr).
+    let refused = format!("{:#}", detach().expect_err("detach while the agent runs"));
+    assert!(refused.contains("another zdd-agent is using"), "{refused}");
     let status = agent.stop().unwrap();
     assert!(status.success(), "exit {status}\n{}", agent.log());
+    assert!(
+        agent.log().contains("the data path keeps forwarding"),
+        "{}",
+        agent.log()
+    );
+    // Stopped, the agent leaves the data path forwarding (a restart or upgrade never
+    // interrupts traffic).
     for iface in ["eth0", "eth1"] {
-        let link = lab.ip(Node::Edge, &["-d", "link", "show", iface]).unwrap();
-        assert!(
-            !link.contains("xdp"),
-            "{iface} still has XDP after stop:\n{link}"
-        );
+        assert!(has_xdp(iface), "{iface} lost its XDP program at stop");
+    }
+    let (groups, errors) = new_connections(&lab, 20);
+    assert!(errors.is_empty(), "without an agent: {errors:?}");
+    assert_eq!(groups.get("blue"), Some(&20));
+
+    // `zdd-agent detach` removes it all.
+    let out = detach().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("detached from eth0,eth1"), "{said}");
+    for iface in ["eth0", "eth1"] {
+        assert!(!has_xdp(iface), "{iface} still has XDP after detach");
     }
     assert!(
         !agent.pin_dir().exists(),
@@ -193,7 +228,7 @@ fn stopping_the_agent_detaches_everything() {
     );
     // With nothing attached, VIP traffic is no longer steered anywhere.
     let r = lab.in_ns(Node::Client, || connect_and_get(vip()));
-    assert!(r.is_err(), "VIP still answered after stop: {r:?}");
+    assert!(r.is_err(), "VIP still answered after detach: {r:?}");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask build-ebpf` and `cargo xtask test`.
+//! Project automation: `cargo xtask build-ebpf`, `test`, `lint`, `demo` and `bench`.
 //!
 //! Only `rustup` with a stable and a nightly toolchain is assumed. Everything else
 //! (the nightly's `rust-src`, a `bpf-linker` built against the nightly's own libLLVM)
@@ -16,12 +16,23 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand};
 
+mod lint;
+mod system;
+
+use system::tools;
+
 /// bpf-linker release pinned for the nightly's LLVM (0.13.0 offers llvm-21, llvm-22, llvm-23).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Target triple of the XDP object.
 const BPF_TARGET: &str = "bpfel-unknown-none";
-/// Name of the `[[bin]]` in zdd-ebpf/Cargo.toml.
-const BPF_BIN: &str = "zdd";
+/// The `[[bin]]`s of zdd-ebpf/Cargo.toml and where each object is installed: the data path
+/// (embedded in the agent), the benchmark's own programs (loaded by `zdd-bench` only) and the
+/// lab's (attached by tests to their own veth ends).
+const BPF_OBJECTS: &[(&str, &str)] = &[
+    ("zdd", "zdd.bpf.o"),
+    ("zdd-bench", "zdd-bench.bpf.o"),
+    ("zdd-lab", "zdd-lab.bpf.o"),
+];
 /// Toolchain used for the eBPF build.
 const NIGHTLY: &str = "nightly";
 /// Toolchain used for host tools and the workspace.
@@ -36,23 +47,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install the eBPF toolchain if missing (rust-src, bpf-linker) and build the XDP object
-    /// into target/ebpf/zdd.bpf.o.
+    /// Install the eBPF toolchain if missing (rust-src, bpf-linker) and build the XDP objects:
+    /// target/ebpf/zdd.bpf.o (the data path), zdd-bench.bpf.o and zdd-lab.bpf.o (benchmark and
+    /// tests only).
     BuildEbpf(BuildEbpfArgs),
     /// Build the eBPF object, build the whole workspace and run its tests.
     /// Arguments after `--` go to the test binaries (after `--test-threads=2`).
     Test(TestArgs),
+    /// rustfmt and clippy (warnings are errors) for the workspace and the eBPF crate, as CI
+    /// runs them.
+    Lint,
     /// Bring up the lab, start the agent, move live traffic from blue to green in steps,
     /// print answers per group and failures per second, tear everything down.
+    /// Installs the programs it runs (ip, ethtool) with apt-get when missing on Debian/Ubuntu.
     Demo(TestArgs),
     /// Benchmarks that print numbers: `datapath` (BPF_PROG_TEST_RUN against a floor
-    /// program) or `e2e` (the lab with wrk and nginx, against direct routing and nftables).
+    /// program), `e2e` (the lab with wrk and nginx, against direct routing and nftables) or
+    /// `control` (the control socket, switch latency, table rebuilds, flow counting).
+    /// Installs the programs they run with apt-get when missing on Debian/Ubuntu.
     Bench(BenchArgs),
 }
 
 #[derive(Args)]
 struct BenchArgs {
-    /// `datapath` or `e2e`.
+    /// `datapath`, `e2e` or `control`.
     kind: String,
     /// Extra arguments for the benchmark (e.g. `--quick`).
     #[arg(last = true)]
@@ -96,16 +114,24 @@ fn real_main() -> Result<()> {
             println!("==> done in {}", secs(start));
         }
         Cmd::Test(args) => test(&ws, &args.extra)?,
-        Cmd::Demo(args) => run_lab_bin(&ws, false, "zdd-demo", &args.extra)?,
+        Cmd::Lint => lint::lint(&ws)?,
+        Cmd::Demo(args) => run_lab_bin(&ws, false, "zdd-demo", tools::DEMO, &args.extra)?,
         Cmd::Bench(args) => {
             ensure!(
-                matches!(args.kind.as_str(), "datapath" | "e2e"),
-                "unknown benchmark `{}`: use `cargo xtask bench datapath` or `cargo xtask bench e2e`",
+                matches!(args.kind.as_str(), "datapath" | "e2e" | "control"),
+                "unknown benchmark `{}`: use `cargo xtask bench datapath`, `e2e` or `control`",
                 args.kind
             );
+            let needs = if args.kind == "e2e" {
+                tools::BENCH_E2E.to_vec()
+            } else if args.kind == "control" {
+                tools::DEMO.to_vec()
+            } else {
+                tools::bench_datapath(env::var_os("ZDD_BENCH_DUMP").is_some())
+            };
             let mut extra = vec![args.kind.clone()];
             extra.extend(args.extra);
-            run_lab_bin(&ws, true, "zdd-bench", &extra)?
+            run_lab_bin(&ws, true, "zdd-bench", &needs, &extra)?
         }
     }
     Ok(())
@@ -332,34 +358,39 @@ fn build_ebpf(ws: &Path, check_only: bool) -> Result<()> {
         return Ok(());
     }
 
-    step("build the eBPF object (cargo +nightly build --release)");
-    let built = ws
-        .join("target/ebpf")
-        .join(BPF_TARGET)
-        .join("release")
-        .join(BPF_BIN);
-    let before = mtime(&built);
+    step("build the eBPF objects (cargo +nightly build --release)");
+    let built_dir = ws.join("target/ebpf").join(BPF_TARGET).join("release");
+    let before: Vec<_> = BPF_OBJECTS
+        .iter()
+        .map(|(bin, _)| mtime(&built_dir.join(bin)))
+        .collect();
     cargo_ebpf(ws, &tools_bin, "build").context(
         "step `build the eBPF object` failed: fix the errors reported above (compile errors are \
          in zdd-ebpf; `bpf-linker` errors may need `cargo xtask build-ebpf` after deleting .build/)",
     )?;
-    let after = mtime(&built);
-    if before.is_some() && before == after {
-        println!("    nothing rebuilt: object is up to date [{}]", secs(t));
+    let after: Vec<_> = BPF_OBJECTS
+        .iter()
+        .map(|(bin, _)| mtime(&built_dir.join(bin)))
+        .collect();
+    if before.iter().all(Option::is_some) && before == after {
+        println!("    nothing rebuilt: objects are up to date [{}]", secs(t));
     } else {
-        println!("    object rebuilt [{}]", secs(t));
+        println!("    objects rebuilt [{}]", secs(t));
     }
 
-    step("install the object");
-    let dest = ws.join("target/ebpf/zdd.bpf.o");
-    let changed = copy_if_changed(&built, &dest).context(
-        "step `install the object` failed: check that target/ebpf is writable and has free space",
-    )?;
-    println!(
-        "    {} ({})",
-        dest.display(),
-        if changed { "updated" } else { "unchanged" }
-    );
+    step("install the objects");
+    for (bin, object) in BPF_OBJECTS {
+        let dest = ws.join("target/ebpf").join(object);
+        let changed = copy_if_changed(&built_dir.join(bin), &dest).context(
+            "step `install the objects` failed: check that target/ebpf is writable and has free \
+             space",
+        )?;
+        println!(
+            "    {} ({})",
+            dest.display(),
+            if changed { "updated" } else { "unchanged" }
+        );
+    }
     Ok(())
 }
 
@@ -565,6 +596,37 @@ fn link_libllvm(dir: &Path, lib_name: &str, target: &Path) -> Result<()> {
 /// `cargo +nightly <subcommand> --release --target bpfel-unknown-none -Z build-std=core` in
 /// zdd-ebpf, with the workspace's bpf-linker first on PATH.
 fn cargo_ebpf(ws: &Path, tools_bin: &Path, subcommand: &str) -> Result<()> {
+    cargo_ebpf_in(ws, tools_bin, subcommand, &ws.join("target/ebpf"), &[])
+}
+
+/// The data path built with `--features variant` (other bytes, same maps and behaviour) as
+/// `target/ebpf/zdd-variant.bpf.o`, for the test that starts a rebuilt program over a running
+/// one. A target folder of its own, so the two builds do not rebuild each other.
+fn build_ebpf_variant(ws: &Path) -> Result<()> {
+    step("build the data path's upgrade-test variant (--features variant)");
+    let nightly = find_nightly()?;
+    let tools_bin = ensure_bpf_linker(ws, &nightly, false)?;
+    let dir = ws.join("target/ebpf-variant");
+    cargo_ebpf_in(
+        ws,
+        &tools_bin,
+        "build",
+        &dir,
+        &["--features", "variant", "--bin", "zdd"],
+    )
+    .context("building the variant object failed (zdd-ebpf with --features variant)")?;
+    let built = dir.join(BPF_TARGET).join("release").join("zdd");
+    copy_if_changed(&built, &ws.join("target/ebpf/zdd-variant.bpf.o"))?;
+    Ok(())
+}
+
+fn cargo_ebpf_in(
+    ws: &Path,
+    tools_bin: &Path,
+    subcommand: &str,
+    target_dir: &Path,
+    extra: &[&str],
+) -> Result<()> {
     let crate_dir = ws.join("zdd-ebpf");
     let path = env::var_os("PATH").unwrap_or_default();
     let path =
@@ -575,8 +637,9 @@ fn cargo_ebpf(ws: &Path, tools_bin: &Path, subcommand: &str) -> Result<()> {
         .arg(format!("+{NIGHTLY}"))
         .arg(subcommand)
         .args(["--release", "--target", BPF_TARGET, "-Z", "build-std=core"])
+        .args(extra)
         .arg("--target-dir")
-        .arg(ws.join("target/ebpf"))
+        .arg(target_dir)
         .env("PATH", path);
     run(cmd)
 }
@@ -617,8 +680,18 @@ fn test(ws: &Path, extra: &[String]) -> Result<()> {
         );
     }
 
+    // The lab tests need these; without them they skip (or fail when CI is set).
+    let root = effective_uid().is_ok_and(|u| u == 0);
+    if let Err(e) = system::ensure_tools("the lab tests", tools::TEST, root) {
+        if ci {
+            return Err(e);
+        }
+        println!("    warning: {e:#}\n    (the lab tests skip until these are installed)");
+    }
+
     let t = Instant::now();
     build_ebpf(ws, false).context("cargo xtask test: building the eBPF object failed")?;
+    build_ebpf_variant(ws)?;
     println!("    build-ebpf total [{}]", secs(t));
 
     let t = Instant::now();
@@ -651,15 +724,23 @@ fn test(ws: &Path, extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Builds the eBPF object, the agent and the lab tools, then runs one of the lab tools
-/// (`zdd-demo`, `zdd-bench`) as root.
-fn run_lab_bin(ws: &Path, release: bool, bin: &str, extra: &[String]) -> Result<()> {
+/// Installs the programs `needs` (names in tests/src/lab/tools.rs) where missing, builds the
+/// eBPF object, the agent and the lab tools, then runs one of the lab tools (`zdd-demo`,
+/// `zdd-bench`) as root.
+fn run_lab_bin(
+    ws: &Path,
+    release: bool,
+    bin: &str,
+    needs: &[&str],
+    extra: &[String],
+) -> Result<()> {
     let euid = effective_uid()?;
     ensure!(
         euid == 0,
         "`{bin}` builds network namespaces and loads XDP programs: run it as root \
          (e.g. `sudo -E cargo xtask ...`)"
     );
+    system::ensure_tools(&format!("`{bin}`"), needs, true)?;
     build_ebpf(ws, false).context("building the eBPF object failed")?;
     step(&format!("build zdd-agent, zdd and {bin}"));
     let mut cmd = workspace_cargo(ws);

@@ -53,6 +53,16 @@ pub struct AgentSection {
     pub nexthop_refresh: Option<String>,
     #[serde(default)]
     pub new_flow_record_limit: Option<i64>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    #[serde(default)]
+    pub metrics: Option<String>,
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/zdd".into()
 }
 
 fn default_mode() -> String {
@@ -150,6 +160,31 @@ pub struct AgentSettings {
     /// New dsr flows recorded per CPU per second (0: no limit); above it they are forwarded
     /// by the current tables without a flow-table entry.
     pub new_flow_record_limit: u32,
+    /// Where the live state and the event journal are kept.
+    pub state_dir: PathBuf,
+    /// Members of this group may make changes over the socket (mode 0660); without it the
+    /// socket is 0600, root only.
+    pub socket_group: Option<SocketGroup>,
+    /// Prometheus text endpoint (`ip:port`), off when None.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// `agent.socket_group`, resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
+/// The gid of group `name`, from the system's group database.
+fn group_id(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getgrnam with a valid C string; the result is read at once, before any other
+    // call that could reuse its static buffer.
+    unsafe {
+        let g = libc::getgrnam(c.as_ptr());
+        if g.is_null() { None } else { Some((*g).gr_gid) }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,23 +202,36 @@ pub struct Config {
     pub state: DesiredState,
 }
 
-/// Parses "500ms", "1s", "30s", "5m", "1h".
+/// Parses "500ms", "1s", "30s", "5m", "1h". The data path counts in nanoseconds in a u64,
+/// so anything longer than that holds (about 584 years) is refused rather than wrapped.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("duration {s:?} needs a unit: ms, s, m or h"))?;
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n * 1000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
+    if num.is_empty() {
+        return Err(format!("duration {s:?} must start with a whole number"));
+    }
+    let ms_per_unit: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
         _ => return Err(format!("duration {s:?}: unit must be ms, s, m or h")),
     };
+    let too_long = || {
+        format!(
+            "duration {s:?} is too long: at most {}h",
+            u64::MAX / 1_000_000 / 3_600_000
+        )
+    };
+    // All digits, so a parse error can only be an overflow.
+    let n: u64 = num.parse().map_err(|_| too_long())?;
+    let ms = n
+        .checked_mul(ms_per_unit)
+        .filter(|ms| ms.checked_mul(1_000_000).is_some())
+        .ok_or_else(too_long)?;
     Ok(Duration::from_millis(ms))
 }
 
@@ -211,6 +259,58 @@ pub fn parse(path: &std::path::Path, text: &str) -> Result<Config, ConfigError> 
 }
 
 type Invalid = (String, String);
+
+/// Checks a state made at run time (socket requests) by exactly the file's rules: it is
+/// written back as the file's sections and validated like them. The error names the place
+/// as the file would (`services[web].split`).
+/// With `force`, a group may have a share (or a pin) and no backend with a weight above 0:
+/// its new flows are dropped until one has.
+pub fn validate_state(state: &DesiredState, force: bool) -> Result<(), Invalid> {
+    let sections: Vec<ServiceSection> = state.services.iter().map(section_of).collect();
+    validate_services_with(&sections, !force).map(|_| ())
+}
+
+fn section_of(s: &ServiceSpec) -> ServiceSection {
+    ServiceSection {
+        name: s.name.clone(),
+        vip: s.vip.to_string(),
+        protocol: match s.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+        .into(),
+        forwarding: match s.forwarding {
+            Forwarding::Nat => "nat",
+            Forwarding::Dsr => "dsr",
+        }
+        .into(),
+        affinity: if s.client_affinity { "client" } else { "flow" }.into(),
+        split: s
+            .split
+            .iter()
+            .map(|(g, b)| (g.clone(), toml::Value::Float(*b as f64 / 100.0)))
+            .collect(),
+        health: None,
+        backends: s
+            .backends
+            .iter()
+            .map(|b| BackendSection {
+                name: b.name.clone(),
+                addr: b.addr.to_string(),
+                group: b.group.clone(),
+                weight: b.weight,
+            })
+            .collect(),
+        pins: s
+            .pins
+            .iter()
+            .map(|p| PinSection {
+                source: p.prefix.to_string(),
+                group: p.group.clone(),
+            })
+            .collect(),
+    }
+}
 
 fn validate_agent(a: &AgentSection) -> Result<AgentSettings, Invalid> {
     let at = |f: &str| format!("agent.{f}");
@@ -275,7 +375,43 @@ fn validate_agent(a: &AgentSection) -> Result<AgentSettings, Invalid> {
             )
         })?,
     };
+    let socket_group = match &a.socket_group {
+        None => None,
+        Some(name) => Some(SocketGroup {
+            gid: group_id(name).ok_or_else(|| {
+                (
+                    at("socket_group"),
+                    format!("no group {name:?} on this system (getent group {name})"),
+                )
+            })?,
+            name: name.clone(),
+        }),
+    };
+    let metrics = match &a.metrics {
+        None => None,
+        Some(m) => Some(m.parse::<SocketAddr>().map_err(|_| {
+            (
+                at("metrics"),
+                format!("{m:?} is not ip:port (e.g. \"127.0.0.1:9580\")"),
+            )
+        })?),
+    };
+    if !a.state_dir.is_absolute() {
+        return Err((
+            at("state_dir"),
+            format!("{}: must be an absolute path", a.state_dir.display()),
+        ));
+    }
+    if !a.socket.is_absolute() {
+        return Err((
+            at("socket"),
+            format!("{}: must be an absolute path", a.socket.display()),
+        ));
+    }
     Ok(AgentSettings {
+        state_dir: a.state_dir.clone(),
+        socket_group,
+        metrics,
         interfaces: a.interfaces.clone(),
         xdp_mode,
         socket: a.socket.clone(),
@@ -314,6 +450,15 @@ fn split_buckets(at: &str, group: &str, v: &toml::Value) -> Result<u32, Invalid>
 }
 
 fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invalid> {
+    validate_services_with(services, true)
+}
+
+/// `serving_groups`: every group with a share, and every pinned group, must have a backend
+/// with a weight above 0 (the file's rule; a forced change at run time may break it).
+fn validate_services_with(
+    services: &[ServiceSection],
+    serving_groups: bool,
+) -> Result<DesiredState, Invalid> {
     let mut out: Vec<ServiceSpec> = Vec::new();
     if services.len() > zdd_common::MAX_SERVICES as usize {
         return Err((
@@ -461,7 +606,10 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
             ));
         }
         for (g, b) in &split {
-            if *b > 0 && !backends.iter().any(|be| &be.group == g && be.weight > 0) {
+            if serving_groups
+                && *b > 0
+                && !backends.iter().any(|be| &be.group == g && be.weight > 0)
+            {
                 return Err((
                     format!("{}.{g}", f("split")),
                     format!(
@@ -482,9 +630,10 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
                     "must be of the VIP's address family".into(),
                 ));
             }
-            if !backends
-                .iter()
-                .any(|be| be.group == p.group && be.weight > 0)
+            if serving_groups
+                && !backends
+                    .iter()
+                    .any(|be| be.group == p.group && be.weight > 0)
             {
                 return Err((
                     format!("{pat}.group"),
@@ -553,6 +702,18 @@ fn validate_services(services: &[ServiceSection]) -> Result<DesiredState, Invali
             format!(
                 "{total_backends} backends in all; at most {}",
                 zdd_common::MAX_BACKENDS
+            ),
+        ));
+    }
+    // While a change is applied, the old slot's pins and the new slot's share the map.
+    let total_pins: usize = out.iter().map(|s| s.pins.len()).sum();
+    let max_pins = zdd_common::MAX_PINS as usize / 2;
+    if total_pins > max_pins {
+        return Err((
+            "services".into(),
+            format!(
+                "{total_pins} pins in all; at most {max_pins} (the pin map holds {} entries, and a change holds the old and the new pins at once)",
+                zdd_common::MAX_PINS
             ),
         ));
     }
@@ -688,9 +849,8 @@ group = "green"
         assert!(e.contains("agent.interfaces"), "{e}");
         let e = err(&GOOD.replace("[agent]", "[agent]\nbogus = 1"));
         assert!(e.contains("bogus"), "{e}");
-        let e = err(&GOOD
-            .replace("forwarding", "x")
-            .replace("split = { blue", "forwarding = \"dsr\"\nsplit = { blue"));
+        // dsr with backends on port 8080 behind a VIP on port 80.
+        let e = err(&GOOD.replace("split = { blue", "forwarding = \"dsr\"\nsplit = { blue"));
         assert!(e.contains("dsr does not rewrite ports"), "{e}");
         let e = err(&GOOD.replace("vip = \"10.10.1.100:80\"", "vip = \"[fd00::1]:80\""));
         assert!(e.contains("address family"), "{e}");
@@ -713,10 +873,62 @@ group = "green"
     }
 
     #[test]
+    fn a_state_round_trips_through_the_files_rules() {
+        let c = parse(Path::new("t.toml"), GOOD).unwrap();
+        validate_state(&c.state, false).unwrap();
+        let sections: Vec<ServiceSection> = c.state.services.iter().map(section_of).collect();
+        assert_eq!(validate_services(&sections).unwrap(), c.state);
+        let mut bad = c.state.clone();
+        bad.services[0].split = vec![("blue".into(), 9_000)];
+        let (at, m) = validate_state(&bad, false).unwrap_err();
+        assert_eq!(at, "services[web].split");
+        assert!(m.contains("90%"), "{m}");
+    }
+
+    #[test]
+    fn pins_are_limited_to_half_the_pin_map() {
+        let pins = |n: usize| {
+            (0..n)
+                .map(|i| {
+                    format!(
+                        "\n[[services.pins]]\nsource = \"10.{}.{}.0/24\"\ngroup = \"green\"\n",
+                        100 + i / 256,
+                        i % 256
+                    )
+                })
+                .collect::<String>()
+        };
+        let base = GOOD.replace(
+            "[[services.pins]]\nsource = \"10.20.0.0/16\"\ngroup = \"green\"\n",
+            "",
+        );
+        assert!(parse(Path::new("t.toml"), &format!("{base}{}", pins(2048))).is_ok());
+        let e = err(&format!("{base}{}", pins(2049)));
+        assert!(e.contains("2049 pins in all; at most 2048"), "{e}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("ms").unwrap_err().contains("whole number"));
+        // u64 nanoseconds end at 5124095h 34m 33.7s: one more hour must not wrap around.
+        assert_eq!(
+            parse_duration("5124095h").unwrap(),
+            Duration::from_secs(5_124_095 * 3600)
+        );
+        for long in [
+            "5124096h",
+            "18446744073709551615ms",
+            "99999999999999999999999s",
+        ] {
+            let e = parse_duration(long).unwrap_err();
+            assert!(
+                e.contains("too long") && e.contains("5124095h"),
+                "{long}: {e}"
+            );
+        }
     }
 }

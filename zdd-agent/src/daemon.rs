@@ -1,23 +1,34 @@
-//! `zdd-agent run`: load, apply, attach, then serve signals until told to stop.
-//! SIGHUP re-reads the config and applies it without detaching; SIGINT/SIGTERM detach,
-//! remove the pins and exit.
+//! `zdd-agent run`: load (or adopt) the data path, apply the live state, attach, then serve
+//! the control socket and signals. SIGHUP applies the config file. SIGTERM/SIGINT stop the
+//! agent and leave the data path forwarding on its pinned maps and links: a restart or an
+//! upgrade never interrupts traffic. `zdd-agent detach` removes zdd from the interfaces.
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
-use tokio::signal::unix::{SignalKind, signal};
+use anyhow::{Context, Result};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 use crate::{
-    config::{self, AgentSettings, Config},
-    maps::{Dataplane, LoadOptions},
+    api::Actor,
+    config::{self, AgentSettings},
+    control::{Control, Intent, spawn_flow_counter},
+    live::LiveState,
+    maps::{ApplyError, Dataplane, LoadOptions},
+    state::DesiredState,
+    store::{Store, services_hash},
 };
 
 /// Data-path tunables from the agent settings.
 pub fn dp_config(a: &AgentSettings) -> zdd_common::Config {
+    // Durations are parsed to fit u64 nanoseconds; saturate rather than wrap all the same.
+    let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     zdd_common::Config {
-        tcp_idle_ns: a.tcp_idle.as_nanos() as u64,
-        udp_idle_ns: a.udp_idle.as_nanos() as u64,
-        nexthop_ttl_ns: a.nexthop_refresh.as_nanos() as u64,
+        tcp_idle_ns: ns(a.tcp_idle),
+        udp_idle_ns: ns(a.udp_idle),
+        nexthop_ttl_ns: ns(a.nexthop_refresh),
         record_limit: a.new_flow_record_limit,
         ..Default::default()
     }
@@ -52,25 +63,67 @@ pub fn resolve_dsr_neighbours(state: &crate::state::DesiredState) {
     }
 }
 
-/// Loads the program and applies `cfg`, then attaches. On any failure, everything done so
+/// Loads the program and applies `state`, then attaches. On any failure, everything done so
 /// far is undone: nothing half-applied stays behind.
-pub fn start(cfg: &Config) -> Result<Dataplane> {
-    let a = &cfg.agent;
-    let mut dp = Dataplane::load(&LoadOptions {
+pub fn start(a: &AgentSettings, state: &DesiredState) -> Result<Dataplane> {
+    let opts = LoadOptions {
         pin_dir: a.pin_dir.clone(),
         flow_table_size: a.flow_table_size,
         config: dp_config(a),
-    })?;
+    };
+    // A program built apart from the agent (same layout version), e.g. to swap in a rebuilt
+    // data path without rebuilding the agent.
+    let mut dp = match std::env::var_os("ZDD_XDP_OBJECT") {
+        Some(path) => {
+            let bytes = std::fs::read(&path).with_context(|| {
+                format!("reading ZDD_XDP_OBJECT {}", Path::new(&path).display())
+            })?;
+            // ELF parsing wants the object 8-byte aligned, as the embedded one is.
+            let mut aligned = vec![0u64; bytes.len().div_ceil(8)];
+            // SAFETY: a u64 buffer viewed as bytes; the length is within it.
+            let view = unsafe {
+                std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), bytes.len())
+            };
+            view.copy_from_slice(&bytes);
+            log::info!(
+                "loading the XDP program from {} (ZDD_XDP_OBJECT)",
+                Path::new(&path).display()
+            );
+            Dataplane::load_object(&opts, view)?
+        }
+        None => Dataplane::load(&opts)?,
+    };
+    if let Some(tag) = dp.program_tag() {
+        log::info!(
+            "XDP program {} loaded (tag {tag:016x})",
+            zdd_common::PROGRAM_NAME
+        );
+    }
+    if let Some(m) = dp.mounted_bpffs() {
+        log::info!(
+            "mounted a BPF filesystem at {} (none was mounted)",
+            m.display()
+        );
+    }
     if dp.adopted() {
         log::info!(
             "adopted maps pinned in {} (flows kept)",
             dp.pin_dir().display()
         );
     }
+    let mut in_force = false;
     let result = (|| -> Result<()> {
-        let report = dp.apply(&cfg.state).context("applying the config")?;
-        log::info!("applied config: {report}");
-        resolve_dsr_neighbours(&cfg.state);
+        match dp.apply(state) {
+            Ok(report) => log::info!("applied config: {report}"),
+            Err(ApplyError::CleanUp { report, error }) => {
+                log::warn!(
+                    "applied config: {report}; cleaning up after it failed: {error} (retried)"
+                );
+            }
+            Err(e) => return Err(e).context("applying the config"),
+        }
+        in_force = true;
+        resolve_dsr_neighbours(state);
         for iface in &a.interfaces {
             let mode = dp.attach(iface, a.xdp_mode)?;
             log::info!("attached to {iface} ({mode})");
@@ -79,11 +132,16 @@ pub fn start(cfg: &Config) -> Result<Dataplane> {
     })();
     if let Err(e) = result {
         if dp.adopted() {
-            // The predecessor's pinned links and maps keep forwarding as they were: leave them
-            // alone rather than take the data path down with us.
+            // The predecessor's pinned links and maps keep forwarding: leave them alone rather
+            // than take the data path down with us.
             log::error!(
-                "start failed; the pinned data path in {} keeps running",
-                dp.pin_dir().display()
+                "start failed; the pinned data path in {} keeps running {}",
+                dp.pin_dir().display(),
+                if in_force {
+                    "with this config's services applied"
+                } else {
+                    "as the previous agent left it"
+                }
             );
         } else {
             dp.detach_all();
@@ -97,53 +155,118 @@ pub fn start(cfg: &Config) -> Result<Dataplane> {
     Ok(dp)
 }
 
-/// Applies a re-read config. Settings that need a restart are refused, whole.
-pub fn reload(dp: &mut Dataplane, running: &AgentSettings, new: &Config) -> Result<()> {
-    let a = &new.agent;
-    for (field, same) in [
-        ("interfaces", a.interfaces == running.interfaces),
-        ("xdp_mode", a.xdp_mode == running.xdp_mode),
-        ("pin_dir", a.pin_dir == running.pin_dir),
-        (
-            "flow_table_size",
-            a.flow_table_size == running.flow_table_size,
-        ),
-    ] {
-        if !same {
-            bail!("agent.{field} changed: it takes effect at a restart; nothing was applied");
-        }
+/// Removes the socket file when the agent ends, however `run` returns.
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
-    let report = dp.apply(&new.state).context("applying the config")?;
-    dp.write_config(&dp_config(a))?;
-    resolve_dsr_neighbours(&new.state);
-    log::info!("reloaded config: {report}");
-    Ok(())
 }
 
 pub async fn run(path: &Path) -> Result<()> {
-    let mut cfg = config::load(path)?;
+    let cfg = config::load(path)?;
+    let a = cfg.agent.clone();
+    // The saved live state: run-time changes survive restarts. A config file that changed
+    // since it was last applied is applied on top (drains and split history kept).
+    let store = Store::open(&a.state_dir)?;
+    let saved = store.load()?;
+    let file_hash = services_hash(&cfg.state);
+    let live = match saved {
+        Some(s) if s.file_hash.as_deref() == Some(file_hash.as_str()) => {
+            log::info!(
+                "live state from {} (the config file is unchanged since it was applied)",
+                store.state_path().display()
+            );
+            s.live
+        }
+        Some(s) => {
+            let mut l = s.live;
+            let changes = l.apply_file(&cfg.state);
+            log::info!(
+                "the config file changed since it was last applied: {}",
+                if changes.is_empty() {
+                    "no service changes".to_string()
+                } else {
+                    changes.join("; ")
+                }
+            );
+            l
+        }
+        None => LiveState::from_desired(&cfg.state),
+    };
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut dp = start(&cfg)?;
-    log::info!(
-        "zdd-agent ready: {} service(s) on {}",
-        cfg.state.services.len(),
-        cfg.agent.interfaces.join(",")
-    );
+    // Everything that can fail is set up before the data path is touched, so a failure
+    // here leaves nothing behind; `start` undoes its own work on failure.
     let routes = crate::netlink::RouteWatch::new()
         .context("subscribing to route and neighbour changes (rtnetlink)")?;
+    let listener = crate::server::bind(&a.socket, a.socket_group.as_ref()).await?;
+    let metrics = match a.metrics {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
+    let _socket_file = SocketFile(a.socket.clone());
+    let dp = start(&a, &live.effective())?;
+    let pin_dir = dp.pin_dir().to_path_buf();
+    let mut ctl = Control::new(dp, live, cfg, path.to_path_buf(), store, Some(file_hash));
+    if let Err(e) = ctl.save() {
+        log::error!("{e}");
+    }
+    ctl.record(
+        Actor {
+            via: "agent".into(),
+            ..Default::default()
+        },
+        "start",
+        None,
+        format!(
+            "zdd-agent started: {} service(s) on {}",
+            ctl.live.services.len(),
+            a.interfaces.join(",")
+        ),
+        serde_json::Value::Null,
+        serde_json::Value::Null,
+    );
+    let (tx, mut rx) = mpsc::channel::<Intent>(256);
+    spawn_flow_counter(pin_dir, ctl.count_rules.subscribe(), tx.clone());
+    tokio::spawn(crate::server::serve(
+        listener,
+        tx.clone(),
+        a.socket_group.clone(),
+    ));
+    if let Some(m) = metrics {
+        log::info!("metrics on http://{}/metrics", m.local_addr()?);
+        tokio::spawn(crate::metrics::serve(m, tx.clone()));
+    }
+    log::info!(
+        "zdd-agent ready: {} service(s) on {}, control socket {}",
+        ctl.live.services.len(),
+        a.interfaces.join(","),
+        a.socket.display()
+    );
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut unresolved = 0;
     loop {
         tokio::select! {
+            Some(intent) = rx.recv() => ctl.handle(intent),
             _ = tick.tick() => {
+                ctl.sample_rates();
+                ctl.check_drains();
                 // The data path met a dsr backend whose neighbour is not resolved: resolve.
-                let now = dp.stats().map(|s| s.get(zdd_common::Stat::Unresolved)).unwrap_or(0);
+                let now = ctl.dp.stats().map(|s| s.get(zdd_common::Stat::Unresolved)).unwrap_or(0);
                 if now > unresolved {
-                    resolve_dsr_neighbours(&cfg.state);
+                    resolve_dsr_neighbours(&ctl.live.effective());
                 }
                 unresolved = now;
+                // An earlier apply's clean-up failed: finish it without waiting for the next.
+                if ctl.dp.cleanup_pending() {
+                    match ctl.dp.retry_cleanup() {
+                        Ok(_) => log::info!("clean-up after the last apply completed"),
+                        Err(e) => log::warn!("clean-up after the last apply failed again: {e}"),
+                    }
+                }
             }
             r = routes.changed() => {
                 if let Err(e) = r {
@@ -154,31 +277,25 @@ pub async fn run(path: &Path) -> Result<()> {
                 // Coalesce a burst of changes (a route flap brings many) into one refresh.
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 let _ = tokio::time::timeout(std::time::Duration::ZERO, routes.changed()).await;
-                match dp.invalidate_nexthops() {
+                match ctl.dp.invalidate_nexthops() {
                     Ok(n) => log::debug!("routes or neighbours changed: {n} next hop(s) to re-resolve"),
                     Err(e) => log::warn!("invalidating next hops: {e}"),
                 }
             }
-            _ = hup.recv() => {
-                match config::load(path).map_err(anyhow::Error::from).and_then(|new| {
-                    reload(&mut dp, &cfg.agent, &new)?;
-                    Ok(new)
-                }) {
-                    Ok(new) => cfg = new,
-                    Err(e) => log::error!("reload refused, still running the previous config: {e:#}"),
-                }
-            }
+            _ = hup.recv() => ctl.handle(Intent::Reload),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     log::info!(
-        "stopping: detaching from {}",
-        dp.attached_interfaces().join(",")
+        "zdd-agent stopped; the data path keeps forwarding on the maps and links pinned in {} (`zdd-agent detach` removes it)",
+        ctl.dp.pin_dir().display()
     );
-    dp.detach_all();
-    dp.unpin_all()
-        .with_context(|| format!("removing pins in {}", dp.pin_dir().display()))?;
-    log::info!("zdd-agent stopped");
     Ok(())
+}
+
+/// `zdd-agent detach`: removes zdd from every interface and its pins from bpffs. Refused
+/// while an agent runs on the same pin directory.
+pub fn detach(a: &AgentSettings) -> Result<Vec<String>> {
+    Ok(crate::maps::detach(&a.pin_dir)?)
 }

@@ -17,9 +17,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Attach to the configured interfaces, apply the config and serve until SIGTERM.
-    /// SIGHUP re-reads the config.
+    /// Attach to the configured interfaces, apply the live state and serve the control
+    /// socket. SIGHUP applies the config file. SIGTERM stops the agent and leaves the data
+    /// path forwarding (pinned); `detach` removes it.
     Run {
+        #[arg(long, short, default_value = "/etc/zdd/zdd.toml")]
+        config: PathBuf,
+    },
+    /// Remove zdd from the configured interfaces and its maps from bpffs (traffic to the VIPs
+    /// stops being balanced). Refused while an agent runs.
+    Detach {
         #[arg(long, short, default_value = "/etc/zdd/zdd.toml")]
         config: PathBuf,
     },
@@ -53,6 +60,36 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Detach { config } => {
+            let cfg = match zdd_agent::config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match zdd_agent::daemon::detach(&cfg.agent) {
+                Ok(ifaces) if ifaces.is_empty() => {
+                    println!(
+                        "nothing to detach: no zdd pins in {}",
+                        cfg.agent.pin_dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(ifaces) => {
+                    println!(
+                        "detached from {}; pins in {} removed",
+                        ifaces.join(","),
+                        cfg.agent.pin_dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run { config } => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -6,7 +6,10 @@ use std::{
     str::FromStr,
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -21,13 +24,14 @@ impl Protocol {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Forwarding {
     Nat,
     Dsr,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendSpec {
     pub name: String,
     pub addr: SocketAddr,
@@ -35,7 +39,7 @@ pub struct BackendSpec {
     pub weight: u32,
 }
 
-/// A source prefix, e.g. `10.20.0.0/16`.
+/// A source prefix, e.g. `10.20.0.0/16` (as that string in JSON).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Prefix {
     pub addr: IpAddr,
@@ -86,19 +90,32 @@ fn mask(addr: IpAddr, len: u8) -> IpAddr {
     }
 }
 
+impl Serialize for Prefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::fmt::Display for Prefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pin {
     pub prefix: Prefix,
     pub group: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub name: String,
     pub vip: SocketAddr,
@@ -122,7 +139,7 @@ impl ServiceSpec {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
     pub services: Vec<ServiceSpec>,
 }
@@ -137,6 +154,24 @@ pub fn wire_addr(ip: IpAddr) -> zdd_common::Addr {
             [w(0), w(4), w(8), w(12)]
         }
     }
+}
+
+/// The inverse of [`wire_addr`].
+pub fn ip_of(a: &zdd_common::Addr, family: u8) -> IpAddr {
+    if family == zdd_common::FAMILY_V4 {
+        IpAddr::V4(a[0].to_ne_bytes().into())
+    } else {
+        let mut b = [0u8; 16];
+        for (i, w) in a.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(b.into())
+    }
+}
+
+/// An address and a port in network byte order, as the maps hold them.
+pub fn socket_addr_of(a: &zdd_common::Addr, port_be: u16, family: u8) -> SocketAddr {
+    SocketAddr::new(ip_of(a, family), u16::from_be(port_be))
 }
 
 pub fn family(ip: IpAddr) -> u8 {
@@ -174,5 +209,10 @@ mod tests {
         let b = wire_addr("fd00:2::b".parse().unwrap());
         assert_eq!(b[0].to_ne_bytes(), [0xfd, 0, 0, 2]);
         assert_eq!(b[3].to_ne_bytes(), [0, 0, 0, 0x0b]);
+        for s in ["10.0.2.11:8080", "[fd00:2::b]:443"] {
+            let sa: SocketAddr = s.parse().unwrap();
+            let back = socket_addr_of(&wire_addr(sa.ip()), sa.port().to_be(), family(sa.ip()));
+            assert_eq!(back, sa);
+        }
     }
 }

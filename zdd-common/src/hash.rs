@@ -1,4 +1,4 @@
-//! The flow hash and the two index functions, shared so that userspace (tests, `zdd explain`)
+//! The flow hash and the two index functions, shared so that userspace (tests, the benchmark)
 //! can predict exactly what the data path picks.
 //!
 //! Murmur3's 32-bit block mix over the words that matter, then its finaliser. Indices use
@@ -67,6 +67,7 @@ pub fn maglev_slot(h: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::FAMILY_V6;
 
     #[test]
     fn indices_stay_in_range_at_the_extremes() {
@@ -98,9 +99,43 @@ mod tests {
     fn ports_and_family_change_the_hash() {
         let a = [1, 2, 3, 4];
         let b = [5, 6, 7, 8];
-        let base = flow_hash(&a, &b, 1, 2, 6, 6);
-        assert_ne!(base, flow_hash(&a, &b, 2, 1, 6, 6));
-        assert_ne!(base, flow_hash(&a, &b, 1, 2, 17, 6));
-        assert_ne!(client_hash(&a, 6), client_hash(&b, 6));
+        let base = flow_hash(&a, &b, 1, 2, 6, FAMILY_V6);
+        assert_ne!(base, flow_hash(&a, &b, 2, 1, 6, FAMILY_V6), "ports swapped");
+        assert_ne!(
+            base,
+            flow_hash(&a, &b, 1, 3, 6, FAMILY_V6),
+            "destination port"
+        );
+        assert_ne!(base, flow_hash(&a, &b, 1, 2, 17, FAMILY_V6), "protocol");
+        assert_ne!(
+            client_hash(&a, FAMILY_V6),
+            client_hash(&b, FAMILY_V6),
+            "address"
+        );
+
+        // The family: an IPv4 address sits in the first word, the rest zero, so 10.0.0.1 and
+        // the IPv6 address 0a00:0001:: are the same four words. They must not share a hash
+        // (nor a split bucket by construction), in either hash.
+        let v4 = [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0];
+        let vip = [u32::from_ne_bytes([10, 0, 100, 1]), 0, 0, 0];
+        for (sport, dport, proto) in [(40000, 80, 6), (53, 53, 17), (1, 2, 6)] {
+            assert_ne!(
+                flow_hash(&v4, &vip, sport, dport, proto, FAMILY_V4),
+                flow_hash(&v4, &vip, sport, dport, proto, FAMILY_V6),
+                "flow hash of {sport}->{dport}/{proto} is the same for both families"
+            );
+        }
+        assert_ne!(
+            client_hash(&v4, FAMILY_V4),
+            client_hash(&v4, FAMILY_V6),
+            "client hash is the same for both families"
+        );
+        // And the family word itself is mixed in, beyond which address words are read: two
+        // family values that read the same words (both not IPv4) hash apart.
+        assert_ne!(
+            flow_hash(&a, &b, 1, 2, 6, FAMILY_V6),
+            flow_hash(&a, &b, 1, 2, 6, FAMILY_V6 + 1)
+        );
+        assert_ne!(client_hash(&a, FAMILY_V6), client_hash(&a, FAMILY_V6 + 1));
     }
 }

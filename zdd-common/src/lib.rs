@@ -12,7 +12,7 @@ pub mod hash;
 
 /// Version of the map layout below. Pinned maps live under a directory named after it, so
 /// an agent never adopts maps whose layout it does not understand.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Map names, as declared in the XDP program and pinned under bpffs.
 pub mod map_names {
@@ -37,9 +37,11 @@ pub mod map_names {
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "zdd_xdp";
-/// Name of the benchmark floor program (MAC swap, XDP_TX) in the same object.
+/// Name of the benchmark floor program (MAC swap, XDP_TX), in the benchmark's own object
+/// (`zdd-bench.bpf.o`), never in the production one.
 pub const FLOOR_PROGRAM_NAME: &str = "zdd_floor";
-/// Name of the benchmark calibration program (the floor plus one flow-table insert).
+/// Name of the benchmark calibration program (the floor plus one flow-table insert), in the
+/// benchmark's own object.
 pub const INSERT_PROBE_PROGRAM_NAME: &str = "zdd_insert_probe";
 
 pub const MAX_SERVICES: u32 = 256;
@@ -53,6 +55,9 @@ pub const SPLIT_BUCKETS: u32 = 10_000;
 pub const MAGLEV_SIZE: u32 = 65_537;
 /// Maglev tables in the pool (one per group per selection slot in use).
 pub const MAX_MAGLEV_TABLES: u32 = 128;
+/// Entries of the `PINS` map: both selection slots of a service hold their pins while a
+/// change is applied, so a config may use half of them.
+pub const MAX_PINS: u32 = 4096;
 /// Default flow-table capacity; the agent may change it at load time.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
 /// Each service has two selection slots: the active one and the one being rewritten.
@@ -168,8 +173,8 @@ pub struct PinKey {
 /// Bits of a `PinKey` that precede the address.
 pub const PIN_KEY_FIXED_BITS: u32 = 48;
 
-/// Key of `FLOWS` (forward direction, as the client sent it) and of `REVERSE` (as the
-/// backend answers: src = backend, dst = client).
+/// Key of `FLOWS`: the forward direction, as the client sent it (a nat reply looks up the
+/// same key, built from its destination and the `REPLIES` entry of its source).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
@@ -239,8 +244,16 @@ pub struct ReplyTarget {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NextHop {
     pub ifindex: u32,
+    /// MTU of the route to the destination (`bpf_fib_lookup`'s `mtu_result`, host order): a
+    /// larger frame is answered with ICMP instead of being forwarded. 0 = not known (kernels
+    /// before 5.12 do not report it): no check.
+    pub mtu: u16,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// Zero. Two fields, not `[u8; 6]`: the data path writes them with two plain stores
+    /// instead of a `memset` call.
+    pub _pad: u16,
+    pub _pad2: u32,
     /// 0 = never resolved.
     pub resolved_at: u64,
 }
@@ -316,7 +329,11 @@ pub struct RecordWindow {
     pub count: u64,
 }
 
-/// Packet, byte and new-flow counts (per CPU in the maps; the agent sums them).
+/// Value of `SERVICE_STATS` (by service id) and `BACKEND_STATS` (by backend id), per CPU
+/// (the agent sums them): frames of a client towards the service / backend that the program
+/// took on (established or new flow, whatever the verdict that followed), their bytes
+/// (whole frames, as received), and the flows among them that were selected anew. Replies
+/// and ICMP errors are not counted here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Counters {
@@ -325,45 +342,66 @@ pub struct Counters {
     pub new_flows: u64,
 }
 
-/// Index of `GLOBAL_STATS`: one counter per verdict and per reason.
+/// Index of `GLOBAL_STATS`: one counter per verdict and per reason. Each counts one thing;
+/// the README's counter table says what, and which verdict goes with it.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// Not for zdd: passed untouched.
+    /// Not for zdd: passed to the kernel untouched.
     Pass = 0,
-    /// Forwarded after a rewrite (XDP_TX or XDP_REDIRECT).
+    /// Sent on by the program (XDP_TX or XDP_REDIRECT) towards a backend: new and
+    /// established flows, and ICMP errors for a backend.
     Forward = 1,
-    /// Rewritten and handed to the kernel (next hop not resolved yet).
+    /// Translated (nat) and handed to the kernel to forward: its next hop is not resolved yet
+    /// (it resolves the neighbour), or it is an IPv4 datagram without DF larger than the next
+    /// hop's MTU (it fragments it, `fragmented_by_kernel`).
     PassToKernel = 2,
-    /// A reply of a nat flow translated back.
+    /// A reply of a nat flow translated back (source = the VIP again).
     Reverse = 3,
-    /// Malformed or truncated frame (passed untouched).
+    /// Truncated or inconsistent headers: passed to the kernel untouched (it drops them).
     Malformed = 4,
-    /// Fragment addressed to a VIP (dropped).
+    /// Fragment addressed to a VIP address (dropped).
     Fragment = 5,
     /// VIP without a usable backend (dropped).
     NoBackend = 6,
-    /// Flow table insert failed.
+    /// Flow-table insert refused by the kernel; the flow is forwarded unrecorded.
     FlowTableFull = 7,
     /// FIB lookup failed for another reason than an unresolved neighbour (dropped).
     FibFailure = 8,
-    /// TTL/hop limit expired on a VIP flow (passed to the kernel, which answers).
+    /// TTL/hop limit expired on a nat frame: passed to the kernel untranslated (it answers
+    /// with ICMP time exceeded).
     TtlExpired = 9,
-    /// New flows created.
+    /// Backends selected for a packet without a flow-table entry (a new flow, or a later
+    /// packet of an unrecorded one).
     NewFlow = 10,
-    /// Established flows whose backend had gone, re-selected.
+    /// Established flows whose backend had gone, selected again.
     Reselected = 11,
-    /// Frames dropped for any reason (sum of the drop reasons).
+    /// Frames dropped for any reason (the sum of the drop reasons).
     Drop = 12,
-    /// ICMP errors about a VIP flow, translated and sent on.
+    /// ICMP errors about a VIP flow, translated (nat) and sent on.
     IcmpTranslated = 13,
     /// dsr: the backend's neighbour is not resolved yet (dropped; the agent resolves it).
     Unresolved = 14,
     /// New dsr flows forwarded without a flow-table entry: above the record limit.
     Unrecorded = 15,
+    /// A frame the program had to change could not be (a helper refused, or the frame was
+    /// shorter than the headers it parsed with): dropped.
+    RewriteFailed = 16,
+    /// A frame larger than the MTU towards its next hop (IPv4 with DF, or IPv6): answered by
+    /// the program with ICMP fragmentation needed / packet too big, from the frame's
+    /// destination (the VIP for a client's frame, the client for a nat reply), quoting the
+    /// frame as it arrived, sent back out where it came in (XDP_TX). Not forwarded.
+    TooBig = 17,
+    /// An IPv4 nat datagram without DF larger than the MTU towards its next hop: translated
+    /// and handed to the kernel, which fragments it (also counted in `pass_to_kernel`).
+    FragmentedByKernel = 18,
+    /// A frame larger than the MTU towards its next hop that can be neither answered nor
+    /// fragmented: IPv4 without DF to a dsr backend, or an ICMP error (never answered with
+    /// another): dropped.
+    TooBigDropped = 19,
 }
 
-pub const STAT_COUNT: u32 = 16;
+pub const STAT_COUNT: u32 = 20;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -383,6 +421,10 @@ impl Stat {
         Stat::IcmpTranslated,
         Stat::Unresolved,
         Stat::Unrecorded,
+        Stat::RewriteFailed,
+        Stat::TooBig,
+        Stat::FragmentedByKernel,
+        Stat::TooBigDropped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -403,6 +445,10 @@ impl Stat {
             Stat::IcmpTranslated => "icmp_translated",
             Stat::Unresolved => "unresolved",
             Stat::Unrecorded => "unrecorded",
+            Stat::RewriteFailed => "rewrite_failed",
+            Stat::TooBig => "too_big",
+            Stat::FragmentedByKernel => "fragmented_by_kernel",
+            Stat::TooBigDropped => "too_big_dropped",
         }
     }
 }
@@ -434,6 +480,18 @@ mod tests {
     use super::*;
     use core::mem::size_of;
 
+    // `GLOBAL_STATS` is indexed by the discriminant, and userspace reads `ALL` in order.
+    #[test]
+    fn every_stat_once_in_index_order_with_its_own_name() {
+        assert_eq!(Stat::ALL.len(), STAT_COUNT as usize);
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{s:?}");
+            for t in &Stat::ALL[..i] {
+                assert_ne!(s.name(), t.name());
+            }
+        }
+    }
+
     // Sizes are part of the layout: a change here is a LAYOUT_VERSION bump.
     #[test]
     fn layout_sizes_have_no_hidden_padding() {
@@ -445,11 +503,11 @@ mod tests {
         assert_eq!(size_of::<FlowEntry>(), 16);
         assert_eq!(size_of::<ServiceState>(), 8);
         assert_eq!(size_of::<ReplyTarget>(), 24);
-        assert_eq!(size_of::<NextHop>(), 24);
+        assert_eq!(size_of::<NextHop>(), 32);
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<Counters>(), 24);
         assert_eq!(size_of::<RecordWindow>(), 16);
-        assert_eq!(size_of::<ReplyHop>(), 48);
+        assert_eq!(size_of::<ReplyHop>(), 56);
         assert_eq!(
             size_of::<Selection>(),
             4 * MAX_GROUPS + SPLIT_BUCKETS as usize

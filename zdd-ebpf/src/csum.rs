@@ -1,4 +1,5 @@
-//! Incremental Internet checksum updates (RFC 1624): HC' = ~(~HC + ~m + m').
+//! Internet checksums: incremental updates (RFC 1624: HC' = ~(~HC + ~m + m')) for rewrites,
+//! and sums from scratch for the ICMP errors the program builds itself.
 //! Words are taken as they lie in memory; the ones' complement sum does not care about byte
 //! order as long as checksum and data are read the same way.
 
@@ -15,7 +16,7 @@ pub fn diff32(old: u32, new: u32) -> u64 {
     (o & 0xffff) as u64 + (o >> 16) as u64 + (new & 0xffff) as u64 + (new >> 16) as u64
 }
 
-/// Sum to add for an address changing (`words` = 1 for IPv4, 4 for IPv6).
+/// Sum to add for an address changing (one word for IPv4, four with `v6`).
 #[inline(always)]
 pub fn diff_addr(old: &[u32; 4], new: &[u32; 4], v6: bool) -> u64 {
     let mut d = diff32(old[0], new[0]);
@@ -29,6 +30,16 @@ pub fn diff_addr(old: &[u32; 4], new: &[u32; 4], v6: bool) -> u64 {
 #[inline(always)]
 pub fn apply(csum: u16, diff: u64) -> u16 {
     let mut s = (!csum) as u64 + diff;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// The checksum of data whose words sum to `sum`: the ones' complement of the folded sum.
+#[inline(always)]
+pub fn finish(sum: u64) -> u16 {
+    let mut s = sum;
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);

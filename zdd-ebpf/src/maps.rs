@@ -2,6 +2,7 @@
 //! them (the agent chooses a pin directory per `LAYOUT_VERSION`).
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibParams,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -74,3 +75,8 @@ pub static ZDD_REPLY_HOPS: PerCpuArray<ReplyHop> = PerCpuArray::pinned(REPLY_HOP
 /// hops resolved before it are stale.
 #[map]
 pub static ZDD_HOP_EPOCH: Array<u64> = Array::pinned(1, 0);
+
+/// Per CPU: the parameter block of `bpf_fib_lookup` (`forward::fib`), scratch space that would
+/// not fit the stack. Not pinned: nothing in it outlives one lookup.
+#[map]
+pub static ZDD_FIB_SCRATCH: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);

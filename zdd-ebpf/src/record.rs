@@ -1,4 +1,4 @@
-//! The new-flow record limit (dsr only). Recording a flow is the most expensive step of a
+//! Part of the **select** step: the new-flow record limit (dsr only). Recording a flow is the most expensive step of a
 //! new flow (an LRU insert); a flood of new flows above the limit is forwarded by the
 //! current tables without entries, so it cannot evict the established flows' entries. A
 //! later packet of an unrecorded flow selects the same backend while the tables are

@@ -1,4 +1,4 @@
-//! Step 3: select a backend for a new flow. Group first (cohort pin, else the split
+//! The **select** step: a backend for a new flow. Group first (cohort pin, else the split
 //! bucket), then the group's Maglev table. Both tables are built by the agent; here they are
 //! only indexed, O(1).
 
@@ -17,20 +17,19 @@ use crate::{
 #[inline(always)]
 fn selection_hash(svc: &Service, pkt: &Packet) -> u32 {
     if svc.flags & service_flags::AFFINITY_CLIENT != 0 {
-        hash::client_hash(&pkt.src, pkt.family)
+        hash::client_hash(&pkt.ip.src, pkt.ip.family)
     } else {
-        hash::flow_hash(
-            &pkt.src, &pkt.dst, pkt.sport, pkt.dport, pkt.proto, pkt.family,
-        )
+        let ip = &pkt.ip;
+        hash::flow_hash(&ip.src, &ip.dst, pkt.sport, pkt.dport, ip.proto, ip.family)
     }
 }
 
 /// Group of a pinned cohort the source belongs to, if any (longest prefix wins).
 #[inline(always)]
 fn pinned_group(svc: &Service, pkt: &Packet) -> Option<u32> {
-    // SAFETY: Addr is [u32; 4], 16 plain bytes in wire order.
-    let addr: [u8; 16] = unsafe { core::mem::transmute(pkt.src) };
-    let bits = if pkt.family == zdd_common::FAMILY_V4 {
+    // SAFETY: Addr is [u32; 4], 16 plain bytes in wire order; any bytes are a valid [u8; 16].
+    let addr: [u8; 16] = unsafe { core::mem::transmute(pkt.ip.src) };
+    let bits = if pkt.ip.family == zdd_common::FAMILY_V4 {
         32
     } else {
         128
@@ -40,7 +39,7 @@ fn pinned_group(svc: &Service, pkt: &Packet) -> Option<u32> {
         PinKey {
             service: svc.id,
             slot: (svc.slot & 1) as u8,
-            family: pkt.family,
+            family: pkt.ip.family,
             addr,
             _pad: [0; 2],
         },

@@ -1,4 +1,5 @@
-//! Counters: per-CPU, so counting never contends; the agent sums the CPUs.
+//! Counters: per-CPU, so counting never contends; the agent sums the CPUs. What each one
+//! counts: `zdd_common::Stat` and the README's counter table.
 
 use zdd_common::{Counters, Stat};
 
@@ -7,7 +8,7 @@ use crate::maps::{ZDD_BACKEND_STATS, ZDD_GLOBAL_STATS, ZDD_SERVICE_STATS};
 #[inline(always)]
 pub fn count(stat: Stat) {
     if let Some(c) = ZDD_GLOBAL_STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot, only this CPU writes it.
+        // SAFETY: per-CPU slot, valid for the program run; only this CPU writes it.
         unsafe { *c += 1 };
     }
 }
@@ -15,7 +16,7 @@ pub fn count(stat: Stat) {
 #[inline(always)]
 fn add(c: Option<*mut Counters>, bytes: u64, new_flow: bool) {
     if let Some(c) = c {
-        // SAFETY: per-CPU slot, only this CPU writes it.
+        // SAFETY: per-CPU slot, valid for the program run; only this CPU writes it.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;

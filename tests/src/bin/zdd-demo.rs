@@ -1,9 +1,12 @@
 //! `cargo xtask demo`: the lab, the agent, live traffic, and a split moving from blue to
-//! green in steps. Prints, each second, how many answers came from each group and how many
-//! requests failed; one keep-alive connection shows that established flows stay put.
+//! green in steps driven by the `zdd` command-line client, ending with a blue-green switch
+//! and a rollback. Prints each command, then, each second, how many answers came from each
+//! group and how many requests failed; one keep-alive connection shows that established
+//! flows stay put.
 
 use std::{
     net::{SocketAddr, TcpStream},
+    process::ExitCode,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
@@ -16,7 +19,16 @@ use zdd_tests::{
     Agent, Lab, LabSpec, Node, VIP_V4, agent::workspace_bin, connect_and_get, http_get,
 };
 
-const STEPS: [(u32, u32); 6] = [(100, 0), (90, 10), (75, 25), (50, 50), (25, 75), (0, 100)];
+/// Each step: the `zdd` command (after `--socket PATH`) and the split it leads to.
+const STEPS: [(&[&str], (u32, u32)); 7] = [
+    (&[], (100, 0)),
+    (&["split", "web", "blue=90", "green=10"], (90, 10)),
+    (&["split", "web", "blue=75", "green=25"], (75, 25)),
+    (&["split", "web", "blue=50", "green=50"], (50, 50)),
+    (&["switch", "web", "--to", "green"], (0, 100)),
+    (&["rollback", "web"], (50, 50)),
+    (&["rollback", "web"], (75, 25)),
+];
 const SECONDS_PER_STEP: u64 = 2;
 
 #[derive(Default)]
@@ -27,23 +39,26 @@ struct Counts {
 }
 
 fn services(lab: &Lab, blue: u32, green: u32) -> String {
-    let mut s = format!(
-        "[[services]]\nname = \"web\"\nvip = \"{VIP_V4}:80\"\nsplit = {{ blue = {blue}, green = {green} }}\n"
-    );
-    for b in lab.backends() {
-        s += &format!(
-            "\n[[services.backends]]\nname = \"{}\"\naddr = \"{}\"\ngroup = \"{}\"\n",
-            b.name,
-            b.http_v4(),
-            b.group
-        );
-    }
-    s
+    zdd_tests::agent::web_service(lab, &format!("blue = {blue}, green = {green}"))
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    // The message alone: with RUST_BACKTRACE set, returning the error would print a
+    // backtrace of the demo itself above what to do.
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     zdd_tests::lab::preflight()
         .map_err(|e| anyhow::anyhow!("the demo needs root and a network-namespace lab: {e}"))?;
+    // The agent pins under /sys/fs/bpf/<lab>: a fresh machine may have no bpffs there yet.
+    zdd_tests::lab::ensure_bpffs_and_say(std::path::Path::new("/sys/fs/bpf"), "zdd demo")?;
     println!("zdd demo: building the lab (client, edge host, blue-1, blue-2, green-1, green-2)");
     let lab = Lab::new(LabSpec::with_server(workspace_bin("zdd-lab-server")))?;
     let mut agent = Agent::start(&lab, &services(&lab, 100, 0))
@@ -86,11 +101,12 @@ fn main() -> Result<()> {
     println!("  time  split (blue/green)   answers: blue  green  failed   keep-alive connection");
     let start = Instant::now();
     let (mut total_failed, mut keep_moved) = (0u64, false);
-    for (blue, green) in STEPS {
-        if (blue, green) != STEPS[0] {
-            agent
-                .reload(&services(&lab, blue, green))
-                .context("reloading the agent")?;
+    for (cmd, (blue, green)) in STEPS {
+        if !cmd.is_empty() {
+            let said = agent
+                .zdd(cmd)
+                .with_context(|| format!("zdd {}", cmd.join(" ")))?;
+            println!("  $ zdd {}\n    {}", cmd.join(" "), said.trim());
         }
         for _ in 0..SECONDS_PER_STEP {
             std::thread::sleep(Duration::from_secs(1));
@@ -118,12 +134,13 @@ fn main() -> Result<()> {
     for w in workers {
         let _ = w.join();
     }
-    let stats = agent.zdd(&["stats"])?;
+    let status = agent.zdd(&["status", "web"])?;
+    let events = agent.zdd(&["events", "--limit", "8"])?;
     agent.stop()?;
     println!();
     println!(
-        "moved all new traffic from blue to green in {} steps: {} failed request(s); the keep-alive connection {} on {first}",
-        STEPS.len(),
+        "{} steps through `zdd` (canary 10/25/50%, switch to green, two rollbacks): {} failed request(s); the keep-alive connection {} on {first}",
+        STEPS.len() - 1,
         total_failed,
         if keep_moved {
             "MOVED from its backend"
@@ -131,7 +148,9 @@ fn main() -> Result<()> {
             "stayed"
         }
     );
-    println!("data-path counters (zdd stats):\n{stats}");
+    println!("\n$ zdd status web\n{status}");
+    println!("$ zdd events --limit 8\n{events}");
+    println!("the agent stopped; its data path kept forwarding until the lab was removed");
     println!("tearing down the lab");
     Ok(())
 }

@@ -18,11 +18,13 @@
 //! [`Lab::route_clients_via_router`] points there.
 //! Everything is removed when the [`Lab`] is dropped, including during a panic.
 
+mod bpffs;
 mod netns;
 mod preflight;
 mod servers;
 mod spawn;
 mod spec;
+pub mod tools;
 mod topology;
 
 use std::ffi::OsStr;
@@ -34,6 +36,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub use bpffs::{ensure_bpffs, ensure_bpffs_and_say, on_bpffs};
 pub use netns::list as list_netns;
 pub use preflight::{current_test_name, preflight, privileged_or_skip};
 pub use spawn::{ChildGuard, STOP_GRACE};

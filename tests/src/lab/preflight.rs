@@ -2,14 +2,15 @@
 
 use std::fs;
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::thread;
 
 use super::netns::NETNS_DIR;
+use super::tools;
 
-/// Checks what a lab needs: root, `ip`, `ethtool`, a usable /run/netns, and that a network
-/// namespace can really be made (uid 0 in an unprivileged container cannot). Cached.
+/// Checks what a lab needs: root, the programs of [`tools::LAB`] (`ip`, `ethtool`; a missing
+/// one is named with its package), a usable /run/netns, and that a network namespace can
+/// really be made (uid 0 in an unprivileged container cannot). Cached.
 pub fn preflight() -> Result<(), String> {
     static RESULT: OnceLock<Result<(), String>> = OnceLock::new();
     RESULT.get_or_init(check).clone()
@@ -20,17 +21,13 @@ fn check() -> Result<(), String> {
     if unsafe { libc::geteuid() } != 0 {
         return Err("not running as root (geteuid != 0)".into());
     }
-    for (tool, arg) in [("ip", "-V"), ("ethtool", "--version")] {
-        match Command::new(tool)
-            .arg(arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-        {
-            Ok(st) if st.success() => {}
-            Ok(st) => return Err(format!("`{tool} {arg}` failed: {st}")),
-            Err(e) => return Err(format!("`{tool}` not runnable: {e}")),
-        }
+    let missing = tools::missing(tools::LAB);
+    if !missing.is_empty() {
+        // One line: it ends up in `ZDD-SKIPPED: <test>: <reason>`.
+        return Err(format!(
+            "{} (`cargo xtask demo`, `bench` and `test` install what is missing on Debian/Ubuntu)",
+            tools::install_hint(&missing).replace('\n', "; ")
+        ));
     }
     fs::create_dir_all(NETNS_DIR).map_err(|e| format!("cannot create {NETNS_DIR}: {e}"))?;
     // unshare affects only this short-lived thread; its namespace dies with it.

@@ -130,3 +130,48 @@ fn router_is_a_reserved_name_only_with_a_router() {
     assert!(spec.validate().is_ok());
     assert!(spec.with_return_router(true).validate().is_err());
 }
+
+#[test]
+fn ensure_bpffs_mounts_one_where_none_is_and_only_there() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0
+        && !privileged_or_skip("lab::tests::ensure_bpffs_mounts_one_where_none_is_and_only_there")
+    {
+        return;
+    }
+    // A folder that does not exist yet, on whatever /tmp is (not bpffs).
+    let base = std::env::temp_dir().join(format!("zdd-bpffs-test-{}", std::process::id()));
+    let dir = base.join("bpf");
+    struct Cleanup(std::path::PathBuf, std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Ok(c) = std::ffi::CString::new(self.1.as_os_str().as_encoded_bytes()) {
+                // SAFETY: valid C string; detaching a mount this test made (or none).
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(base.clone(), dir.clone());
+    assert!(!super::on_bpffs(&base));
+    assert!(!super::on_bpffs(&dir), "does not exist yet");
+
+    assert!(super::ensure_bpffs(&dir).unwrap(), "mounted");
+    assert!(super::on_bpffs(&dir));
+    assert!(!super::on_bpffs(&base), "the mount is on the folder only");
+    // Pins can go there now, and a second call leaves it as it is.
+    std::fs::create_dir(dir.join("pins")).unwrap();
+    assert!(super::on_bpffs(&dir.join("pins")));
+    assert!(
+        !super::ensure_bpffs(&dir).unwrap(),
+        "already bpffs: nothing mounted"
+    );
+    assert!(
+        !super::ensure_bpffs(&dir.join("pins")).unwrap(),
+        "inside bpffs"
+    );
+    assert!(
+        dir.join("pins").is_dir(),
+        "the same filesystem, not a new one on top"
+    );
+}

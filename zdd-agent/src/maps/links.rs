@@ -92,17 +92,30 @@ impl Dataplane {
                 .map_err(|e| err(format!("cannot open pinned link {}: {e}", path.display())))?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .map_err(|e| err(format!("pinned link is not XDP: {e}")))?;
-            let prog = self.program_mut();
-            let id = prog
-                .attach_to_link(link)
-                .map_err(|e| err(format!("program swap failed: {e}")))?;
-            let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
-            let link = FdLink::try_from(link).map_err(|e| err(e.to_string()))?;
-            self.links.held.push((iface.into(), Held { link, path }));
-            return Ok(AttachedMode::Adopted);
+            let prog = self.program_mut()?;
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+                    let link = FdLink::try_from(link).map_err(|e| err(e.to_string()))?;
+                    self.links.held.push((iface.into(), Held { link, path }));
+                    return Ok(AttachedMode::Adopted);
+                }
+                Err(e) => {
+                    // A link whose interface went away (deleted, or re-created under the same
+                    // name) is defunct: it forwards nothing and cannot take a program. Drop
+                    // its pin and attach afresh.
+                    log::warn!(
+                        "{iface}: the pinned link {} no longer works ({e}): attaching afresh",
+                        path.display()
+                    );
+                    std::fs::remove_file(&path).map_err(|e| {
+                        err(format!("removing the defunct pin {}: {e}", path.display()))
+                    })?;
+                }
+            }
         }
 
-        let prog = self.program_mut();
+        let prog = self.program_mut()?;
         let (link, got) = match mode {
             XdpModeSetting::Native => (
                 try_attach(prog, iface, XdpMode::Driver).map_err(err)?,

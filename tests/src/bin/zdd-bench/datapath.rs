@@ -457,7 +457,11 @@ fn measure_all(args: &Args, net: &Net) -> Result<String> {
         dump_program(&mut dp.0, Path::new(&to))?;
     }
 
-    let mut bench = Bench { dp: &mut dp.0 };
+    let progs = measure::load_bench_object(&dp.0)?;
+    let mut bench = Bench {
+        dp: &mut dp.0,
+        progs,
+    };
     let mut c = Ctx {
         bench: &mut bench,
         args,
@@ -883,7 +887,11 @@ fn count_entries(dp: &mut Dataplane, name: &str) -> Result<usize> {
 
 /// Size of the loaded program: (xlated instructions, JIT bytes, verified instructions).
 fn program_size(dp: &mut Dataplane) -> String {
-    match dp.program_mut().info() {
+    let info = dp
+        .program_mut()
+        .map_err(anyhow::Error::from)
+        .and_then(|p| Ok(p.info()?));
+    match info {
         Ok(i) => format!(
             "{} BPF instructions after the verifier, {} bytes of JIT code, {} instructions \
              verified",
@@ -899,7 +907,7 @@ fn program_size(dp: &mut Dataplane) -> String {
 /// looking at a slow path.
 fn dump_program(dp: &mut Dataplane, dir: &Path) -> Result<()> {
     let id = dp
-        .program_mut()
+        .program_mut()?
         .info()
         .context("program info")?
         .id()

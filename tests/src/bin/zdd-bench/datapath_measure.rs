@@ -1,10 +1,15 @@
 //! BPF_PROG_TEST_RUN runs, each checked against the global counters (see BENCHMARKS.md: a run
 //! whose counters show another path is rejected, not reported).
 
+use std::path::PathBuf;
+
 use anyhow::{Context, Result, bail};
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
 use zdd_agent::maps::Dataplane;
-use zdd_common::Stat;
+use zdd_common::{FLOOR_PROGRAM_NAME, INSERT_PROBE_PROGRAM_NAME, Stat};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -80,16 +85,64 @@ impl Case {
 
 pub struct Bench<'a> {
     pub dp: &'a mut Dataplane,
+    /// The benchmark's own object (floor, insert probe), from [`load_bench_object`].
+    pub progs: Ebpf,
 }
 
-fn prog(dp: &mut Dataplane, p: Prog) -> Result<&mut Xdp> {
-    Ok(match p {
-        Prog::Zdd => dp.program_mut(),
-        Prog::Floor => dp.load_floor().context("loading the floor program")?,
-        Prog::InsertProbe => dp
-            .load_bench_program(zdd_common::INSERT_PROBE_PROGRAM_NAME)
-            .context("loading the insert probe program")?,
-    })
+/// Where `cargo xtask build-ebpf` installs the benchmark's object (`ZDD_BENCH_OBJECT`
+/// overrides it).
+fn bench_object_path() -> PathBuf {
+    std::env::var_os("ZDD_BENCH_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/zdd-bench.bpf.o")
+        })
+}
+
+/// Loads the benchmark's object (`zdd-bench.bpf.o`: the floor and the insert probe, kept out
+/// of the production object) with its programs, beside `dp`: its `ZDD_FLOWS` is declared
+/// pinned by name, so with `dp`'s pin directory it is the data path's own flow table.
+pub fn load_bench_object(dp: &Dataplane) -> Result<Ebpf> {
+    let path = bench_object_path();
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading the benchmark's XDP object {} (built by `cargo xtask build-ebpf`)",
+            path.display()
+        )
+    })?;
+    // The ELF is parsed in place: give it 8-byte-aligned memory.
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: `words` owns at least `bytes.len()` bytes, any byte pattern is a valid u64,
+    // and the byte view does not outlive this statement.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) }
+        .copy_from_slice(&bytes);
+    // SAFETY: as above; the view lives as long as `words`, which outlives the load.
+    let aligned = unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), bytes.len()) };
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dp.pin_dir())
+        .load(aligned)
+        .with_context(|| format!("loading {}", path.display()))?;
+    for name in [FLOOR_PROGRAM_NAME, INSERT_PROBE_PROGRAM_NAME] {
+        let p: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name} in {}", path.display()))?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("loading program {name}"))?;
+    }
+    Ok(ebpf)
+}
+
+fn prog<'a>(dp: &'a mut Dataplane, progs: &'a mut Ebpf, p: Prog) -> Result<&'a mut Xdp> {
+    let name = match p {
+        Prog::Zdd => return Ok(dp.program_mut()?),
+        Prog::Floor => FLOOR_PROGRAM_NAME,
+        Prog::InsertProbe => INSERT_PROBE_PROGRAM_NAME,
+    };
+    Ok(progs
+        .program_mut(name)
+        .with_context(|| format!("no program {name} in the benchmark's object"))?
+        .try_into()?)
 }
 
 pub type Counts = Vec<(Stat, u64)>;
@@ -111,7 +164,7 @@ impl Bench<'_> {
         out: Option<&mut [u8]>,
     ) -> Result<(u32, u64, usize)> {
         let ctx = xdp_md(frame.len(), ingress);
-        let r = prog(self.dp, p)?
+        let r = prog(self.dp, &mut self.progs, p)?
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: out,

@@ -1,0 +1,284 @@
+//! The Prometheus endpoint (`agent.metrics = "127.0.0.1:9580"`, off by default): per-service
+//! and per-backend counters of the data path, active flows, weights, states and the current
+//! split, in the OpenMetrics text format (prometheus-client). The text is made by the owner
+//! task from the same numbers `zdd status` shows; the HTTP side only carries it.
+
+use std::net::SocketAddr;
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
+
+use crate::{api::StatsResult, api::StatusResult, control::Intent};
+
+type Labels = Vec<(String, String)>;
+type Counters = Family<Labels, Counter>;
+type Gauges = Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>;
+
+fn l(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The metrics text for a status and the counters (a fresh registry each time: the values
+/// are totals read from the data path, not increments).
+pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
+    let mut reg = Registry::default();
+    let backend_packets = Counters::default();
+    let backend_bytes = Counters::default();
+    let backend_new_flows = Counters::default();
+    let service_packets = Counters::default();
+    let service_bytes = Counters::default();
+    let service_new_flows = Counters::default();
+    let datapath = Counters::default();
+    let active = Gauges::default();
+    let weight = Gauges::default();
+    let state = Gauges::default();
+    let split = Gauges::default();
+
+    let group_of = |service: &str, backend: &str| -> String {
+        status
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.backends.iter().find(|b| b.name == backend))
+            .map(|b| b.group.clone())
+            .unwrap_or_default()
+    };
+    for row in &stats.backends {
+        let (service, backend) = row.name.split_once('/').unwrap_or((&row.name, ""));
+        let g = group_of(service, backend);
+        let labels = l(&[("service", service), ("backend", backend), ("group", &g)]);
+        backend_packets.get_or_create(&labels).inc_by(row.packets);
+        backend_bytes.get_or_create(&labels).inc_by(row.bytes);
+        backend_new_flows
+            .get_or_create(&labels)
+            .inc_by(row.new_flows);
+    }
+    for row in &stats.services {
+        let labels = l(&[("service", &row.name)]);
+        service_packets.get_or_create(&labels).inc_by(row.packets);
+        service_bytes.get_or_create(&labels).inc_by(row.bytes);
+        service_new_flows
+            .get_or_create(&labels)
+            .inc_by(row.new_flows);
+    }
+    for (reason, v) in &stats.global {
+        datapath.get_or_create(&l(&[("reason", reason)])).inc_by(*v);
+    }
+    for s in &status.services {
+        for (g, pct) in &s.split {
+            split
+                .get_or_create(&l(&[("service", &s.name), ("group", g)]))
+                .set(*pct);
+        }
+        for b in &s.backends {
+            let labels = l(&[
+                ("service", &s.name),
+                ("backend", &b.name),
+                ("group", &b.group),
+            ]);
+            active.get_or_create(&labels).set(b.active_flows as f64);
+            weight.get_or_create(&labels).set(b.weight as f64);
+            for st in ["serving", "draining", "drained", "removed"] {
+                let mut with = labels.clone();
+                with.push(("state".into(), st.into()));
+                state
+                    .get_or_create(&with)
+                    .set(if b.state == st { 1.0 } else { 0.0 });
+            }
+        }
+    }
+    reg.register(
+        "zdd_backend_packets",
+        "Packets the data path forwarded to the backend",
+        backend_packets,
+    );
+    reg.register(
+        "zdd_backend_bytes",
+        "Bytes the data path forwarded to the backend",
+        backend_bytes,
+    );
+    reg.register(
+        "zdd_backend_new_flows",
+        "New flows the data path sent to the backend",
+        backend_new_flows,
+    );
+    reg.register(
+        "zdd_service_packets",
+        "Packets to the service's VIP",
+        service_packets,
+    );
+    reg.register(
+        "zdd_service_bytes",
+        "Bytes to the service's VIP",
+        service_bytes,
+    );
+    reg.register(
+        "zdd_service_new_flows",
+        "New flows to the service's VIP",
+        service_new_flows,
+    );
+    reg.register(
+        "zdd_datapath_packets",
+        "Data-path verdicts and reasons (see the README's counter table)",
+        datapath,
+    );
+    reg.register(
+        "zdd_backend_active_flows",
+        "Flows on the backend that have not ended",
+        active,
+    );
+    reg.register(
+        "zdd_backend_weight",
+        "The backend's configured weight",
+        weight,
+    );
+    reg.register(
+        "zdd_backend_state",
+        "1 for the backend's state (serving, draining, drained, removed)",
+        state,
+    );
+    reg.register(
+        "zdd_service_split_percent",
+        "Share of new flows (new clients) per group, percent",
+        split,
+    );
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &reg) {
+        log::warn!("encoding metrics: {e}");
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `addr` until the owner's channel closes.
+pub async fn serve(listener: TcpListener, to: mpsc::Sender<Intent>) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let to = to.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let line = String::from_utf8_lossy(&head);
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (status, ctype, body) = if line.starts_with("GET ") && path == "/metrics" {
+                let (tx, rx) = oneshot::channel();
+                if to.send(Intent::Metrics { reply: tx }).await.is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(text) => (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        text,
+                    ),
+                    Err(_) => return,
+                }
+            } else {
+                (
+                    "404 Not Found",
+                    "text/plain; charset=utf-8",
+                    "zdd serves GET /metrics\n".to_string(),
+                )
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                s.write_all(resp.as_bytes()),
+            )
+            .await;
+        });
+    }
+}
+
+/// Binds the endpoint.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("agent.metrics {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{BackendStatus, CounterRow, ServiceStatus};
+
+    #[test]
+    fn conventional_names_types_and_labels() {
+        let status = StatusResult {
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                split: [("blue".to_string(), 95.0), ("green".to_string(), 5.0)].into(),
+                backends: vec![BackendStatus {
+                    name: "blue-1".into(),
+                    group: "blue".into(),
+                    weight: 100,
+                    state: "draining".into(),
+                    active_flows: 7,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let stats = StatsResult {
+            global: [("forward".to_string(), 42)].into(),
+            services: vec![CounterRow {
+                name: "web".into(),
+                packets: 10,
+                ..Default::default()
+            }],
+            backends: vec![CounterRow {
+                name: "web/blue-1".into(),
+                packets: 9,
+                bytes: 900,
+                new_flows: 3,
+                ..Default::default()
+            }],
+        };
+        let t = render(&status, &stats);
+        for want in [
+            "# TYPE zdd_backend_packets counter",
+            "zdd_backend_packets_total{service=\"web\",backend=\"blue-1\",group=\"blue\"} 9",
+            "zdd_backend_bytes_total{service=\"web\",backend=\"blue-1\",group=\"blue\"} 900",
+            "zdd_service_packets_total{service=\"web\"} 10",
+            "zdd_datapath_packets_total{reason=\"forward\"} 42",
+            "# TYPE zdd_backend_active_flows gauge",
+            "zdd_backend_active_flows{service=\"web\",backend=\"blue-1\",group=\"blue\"} 7.0",
+            "zdd_backend_state{service=\"web\",backend=\"blue-1\",group=\"blue\",state=\"draining\"} 1.0",
+            "zdd_backend_state{service=\"web\",backend=\"blue-1\",group=\"blue\",state=\"serving\"} 0.0",
+            "zdd_service_split_percent{service=\"web\",group=\"green\"} 5.0",
+            "# EOF",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in:\n{t}");
+        }
+    }
+}
