@@ -40,8 +40,21 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// "web" (tcp, port 80) and "dns" (udp, port 53) on the lab's backends.
 fn web(lab: &Lab) -> String {
-    zdd_tests::agent::web_service(lab, "blue = 100, green = 0")
+    let mut s = zdd_tests::agent::web_service(lab, "blue = 100, green = 0");
+    s += &format!(
+        "\n[[services]]\nname = \"dns\"\nvip = \"{VIP_V4}:53\"\nprotocol = \"udp\"\nsplit = {{ blue = 100, green = 0 }}\n"
+    );
+    for b in lab.backends() {
+        s += &format!(
+            "\n[[services.backends]]\nname = \"{}\"\naddr = \"{}\"\ngroup = \"{}\"\n",
+            b.name,
+            b.udp_v4(),
+            b.group
+        );
+    }
+    s
 }
 
 fn round_trips(agent: &Agent, n: usize) -> Result<()> {
@@ -76,38 +89,62 @@ fn round_trips(agent: &Agent, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Connections opened back to back from the client namespace: (start time, group).
+/// New flows opened back to back from the client namespace: (start time, group). TCP: a
+/// connection and a request each; UDP: a datagram from a fresh socket each (a new flow at a
+/// fraction of the cost, so a finer clock).
 fn prober(
     lab: &Lab,
+    udp: bool,
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<(Instant, String)>>>,
 ) -> std::thread::JoinHandle<()> {
     let ns = lab.ns_name(Node::Client).to_string();
-    let vip: SocketAddr = format!("{VIP_V4}:80")
-        .parse()
-        .unwrap_or(SocketAddr::from(([0; 4], 0)));
+    let port = if udp { 53 } else { 80 };
+    let vip = SocketAddr::new(VIP_V4.parse().unwrap_or([0, 0, 0, 0].into()), port);
     std::thread::spawn(move || {
         if enter_netns(&ns).is_err() {
             return;
         }
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
-            let Ok(mut s) = TcpStream::connect_timeout(&vip, Duration::from_secs(1)) else {
-                continue;
+            let group = if udp {
+                let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+                    continue;
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let mut buf = [0u8; 128];
+                if s.connect(vip).is_err() || s.send(b"ping").is_err() {
+                    continue;
+                }
+                match s.recv(&mut buf) {
+                    Ok(n) => String::from_utf8_lossy(&buf[..n])
+                        .split_whitespace()
+                        .nth(1)
+                        .unwrap_or("")
+                        .to_string(),
+                    Err(_) => continue,
+                }
+            } else {
+                let Ok(mut s) = TcpStream::connect_timeout(&vip, Duration::from_secs(1)) else {
+                    continue;
+                };
+                match http_get(&mut s, VIP_V4, "/") {
+                    Ok(r) => r.group,
+                    Err(_) => continue,
+                }
             };
-            if let Ok(r) = http_get(&mut s, VIP_V4, "/") {
-                seen.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((t, r.group));
-            }
+            seen.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((t, group));
         }
     })
 }
 
-fn switch_latency(lab: &Lab, agent: &Agent, rounds: usize) -> Result<()> {
+fn switch_latency(lab: &Lab, agent: &Agent, rounds: usize, udp: bool) -> Result<()> {
+    let service = if udp { "dns" } else { "web" };
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let p = prober(lab, stop.clone(), seen.clone());
+    let p = prober(lab, udp, stop.clone(), seen.clone());
     let mut c = Client::connect(&agent.socket_path())?;
     let mut latency = Vec::new();
     let mut gaps = Vec::new();
@@ -116,7 +153,7 @@ fn switch_latency(lab: &Lab, agent: &Agent, rounds: usize) -> Result<()> {
         std::thread::sleep(Duration::from_millis(30));
         let t0 = Instant::now();
         let a = c.ask(&format!(
-            r#"{{"cmd":"switch","service":"web","to":"{to}"}}"#
+            r#"{{"cmd":"switch","service":"{service}","to":"{to}"}}"#
         ))?;
         result(&a)?;
         std::thread::sleep(Duration::from_millis(30));
@@ -135,9 +172,14 @@ fn switch_latency(lab: &Lab, agent: &Agent, rounds: usize) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = p.join();
     println!(
-        "switch latency, command sent -> first new connection started on the new group, {rounds} \
-         switches: p50 {:.3} ms p99 {:.3} ms max {:.3} ms (prober resolution: one connection \
-         every {:.3} ms median)",
+        "switch latency ({}), command sent -> first new flow started on the new group, {rounds} \
+         switches: p50 {:.3} ms p99 {:.3} ms max {:.3} ms (prober resolution: a new flow every \
+         {:.3} ms, median)",
+        if udp {
+            "udp, a datagram from a fresh socket"
+        } else {
+            "tcp, a connection and a request"
+        },
         pct(&mut latency.clone(), 0.5),
         pct(&mut latency.clone(), 0.99),
         pct(&mut latency, 1.0),
@@ -277,7 +319,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let agent = Agent::start(&lab, &web(&lab))?;
     let n = if o.quick { 200 } else { 1000 };
     round_trips(&agent, n)?;
-    switch_latency(&lab, &agent, if o.quick { 20 } else { 100 })?;
+    switch_latency(&lab, &agent, if o.quick { 20 } else { 100 }, false)?;
+    switch_latency(&lab, &agent, if o.quick { 20 } else { 100 }, true)?;
     drop(agent);
     rebuild_and_flip(if o.quick { 5 } else { 20 })?;
     count_flows(&lab, if o.quick { 100_000 } else { 1_000_000 })?;
