@@ -189,6 +189,9 @@ pub struct ServiceStatus {
     pub backends: Vec<BackendStatus>,
     /// The live service differs from the config file's (None: same; else what differs).
     pub differs_from_file: Option<String>,
+    /// Groups in panic mode: too few healthy backends, so all configured ones get flows.
+    #[serde(default)]
+    pub panic_groups: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -212,6 +215,22 @@ pub struct BackendStatus {
     /// the last few seconds.
     pub new_flows_per_s: f64,
     pub bytes_per_s: f64,
+    /// `up`, `down`, `starting` (not probed yet: no new flows), or `unchecked` (no health
+    /// checking for the service).
+    #[serde(default)]
+    pub health: String,
+    /// The last probe's result (`status 200 in 1.2 ms`, `timeout after 500 ms`, ...).
+    #[serde(default)]
+    pub last_probe: Option<String>,
+    #[serde(default)]
+    pub probe_latency_ms: Option<f64>,
+    /// Why it is down.
+    #[serde(default)]
+    pub down_reason: Option<String>,
+    /// The weight the data path uses now (0 when down, draining or starting; ramping during
+    /// slow start; the configured weight in panic mode).
+    #[serde(default)]
+    pub effective_weight: u32,
 }
 
 /// `stats`: the data path's counters, summed over CPUs.

@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 
 use serde::Deserialize;
 
-use crate::state::{BackendSpec, DesiredState, Forwarding, Pin, Prefix, Protocol, ServiceSpec};
+use crate::state::{
+    BackendSpec, DesiredState, Forwarding, HealthKind, HealthSpec, OnDown, Pin, Prefix, Protocol,
+    ServiceSpec,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -106,21 +109,40 @@ fn default_affinity() -> String {
     "flow".into()
 }
 
-/// Parsed and checked now; probing arrives with the health-checking work.
-#[derive(Debug, Deserialize)]
+/// `[services.health]`: active probes and what their verdicts do.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSection {
     pub kind: String,
     #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
     pub path: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Status codes that pass: `[200, "200-299", 301]` (default 200-399).
+    #[serde(default)]
+    pub expect: Option<Vec<toml::Value>>,
+    #[serde(default)]
+    pub body: Option<String>,
     #[serde(default)]
     pub interval: Option<String>,
     #[serde(default)]
+    pub jitter: Option<String>,
+    #[serde(default)]
     pub timeout: Option<String>,
+    #[serde(default)]
+    pub max_latency: Option<String>,
     #[serde(default)]
     pub rise: Option<u32>,
     #[serde(default)]
     pub fall: Option<u32>,
+    #[serde(default)]
+    pub slow_start: Option<String>,
+    #[serde(default)]
+    pub on_down: Option<String>,
+    #[serde(default)]
+    pub panic_below: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +292,44 @@ pub fn validate_state(state: &DesiredState, force: bool) -> Result<(), Invalid> 
     validate_services_with(&sections, !force).map(|_| ())
 }
 
+/// A validated health spec written back as the file's section (for `validate_state`).
+fn health_section(h: &HealthSpec) -> Option<HealthSection> {
+    let d = |ms: u64| Some(format!("{ms}ms"));
+    Some(HealthSection {
+        kind: match h.kind {
+            HealthKind::None => "none",
+            HealthKind::Tcp => "tcp",
+            HealthKind::Http => "http",
+        }
+        .into(),
+        method: (h.kind == HealthKind::Http).then(|| h.method.clone()),
+        path: (h.kind == HealthKind::Http).then(|| h.path.clone()),
+        host: h.host.clone(),
+        expect: (h.kind == HealthKind::Http).then(|| {
+            h.expect
+                .iter()
+                .map(|(a, b)| toml::Value::String(format!("{a}-{b}")))
+                .collect()
+        }),
+        body: h.body.clone(),
+        interval: d(h.interval_ms),
+        jitter: d(h.jitter_ms),
+        timeout: d(h.timeout_ms),
+        max_latency: h.max_latency_ms.and_then(d),
+        rise: Some(h.rise),
+        fall: Some(h.fall),
+        slow_start: d(h.slow_start_ms),
+        on_down: Some(
+            match h.on_down {
+                OnDown::Keep => "keep",
+                OnDown::Move => "move",
+            }
+            .into(),
+        ),
+        panic_below: Some(h.panic_below_pct),
+    })
+}
+
 fn section_of(s: &ServiceSpec) -> ServiceSection {
     ServiceSection {
         name: s.name.clone(),
@@ -290,7 +350,7 @@ fn section_of(s: &ServiceSpec) -> ServiceSection {
             .iter()
             .map(|(g, b)| (g.clone(), toml::Value::Float(*b as f64 / 100.0)))
             .collect(),
-        health: None,
+        health: health_section(&s.health),
         backends: s
             .backends
             .iter()
@@ -521,9 +581,10 @@ fn validate_services_with(
             "client" => true,
             a => return Err((f("affinity"), format!("{a:?}: use \"flow\" or \"client\""))),
         };
-        if let Some(h) = &s.health {
-            validate_health(&f("health"), h)?;
-        }
+        let health = match &s.health {
+            Some(h) => validate_health(&f("health"), h, protocol)?,
+            None => HealthSpec::defaults(HealthKind::None, protocol),
+        };
 
         let mut backends: Vec<BackendSpec> = Vec::new();
         for (j, b) in s.backends.iter().enumerate() {
@@ -676,6 +737,7 @@ fn validate_services_with(
             split,
             backends,
             pins,
+            health,
         });
     }
     // nat replies are matched by the backend's address and port: each serves one VIP.
@@ -720,32 +782,143 @@ fn validate_services_with(
     Ok(DesiredState { services: out })
 }
 
-fn validate_health(at: &str, h: &HealthSection) -> Result<(), Invalid> {
-    match h.kind.as_str() {
-        "tcp" | "http" | "none" => {}
+fn validate_health(at: &str, h: &HealthSection, protocol: Protocol) -> Result<HealthSpec, Invalid> {
+    let f = |name: &str| format!("{at}.{name}");
+    let kind = match h.kind.as_str() {
+        "tcp" => HealthKind::Tcp,
+        "http" => HealthKind::Http,
+        "none" => HealthKind::None,
         k => {
             return Err((
-                format!("{at}.kind"),
+                f("kind"),
                 format!("{k:?}: use \"tcp\", \"http\" or \"none\""),
             ));
         }
+    };
+    let mut spec = HealthSpec::defaults(kind, protocol);
+    let ms =
+        |name: &str, v: &Option<String>, default: u64, zero_ok: bool| -> Result<u64, Invalid> {
+            match v {
+                None => Ok(default),
+                Some(s) => {
+                    let d = parse_duration(s).map_err(|m| (f(name), m))?;
+                    if d.is_zero() && !zero_ok {
+                        return Err((f(name), "must be above zero".into()));
+                    }
+                    Ok(d.as_millis() as u64)
+                }
+            }
+        };
+    spec.interval_ms = ms("interval", &h.interval, spec.interval_ms, false)?;
+    spec.timeout_ms = ms("timeout", &h.timeout, spec.timeout_ms, false)?;
+    spec.jitter_ms = ms("jitter", &h.jitter, spec.interval_ms / 10, true)?;
+    spec.slow_start_ms = ms("slow_start", &h.slow_start, 0, true)?;
+    if h.max_latency.is_some() {
+        spec.max_latency_ms = Some(ms("max_latency", &h.max_latency, 0, false)?);
     }
-    for (name, v) in [("interval", &h.interval), ("timeout", &h.timeout)] {
-        if let Some(s) = v {
-            parse_duration(s).map_err(|m| (format!("{at}.{name}"), m))?;
+    if spec.timeout_ms > spec.interval_ms {
+        return Err((
+            f("timeout"),
+            format!(
+                "{}ms is longer than the interval ({}ms): a probe would still run when the next is due",
+                spec.timeout_ms, spec.interval_ms
+            ),
+        ));
+    }
+    for (name, v, dst) in [
+        ("rise", h.rise, &mut spec.rise),
+        ("fall", h.fall, &mut spec.fall),
+    ] {
+        if let Some(n) = v {
+            if n == 0 || n > 100 {
+                return Err((f(name), format!("{n}: must be 1..100")));
+            }
+            *dst = n;
         }
     }
-    for (name, v) in [("rise", h.rise), ("fall", h.fall)] {
-        if v == Some(0) {
-            return Err((format!("{at}.{name}"), "must be at least 1".into()));
+    if let Some(p) = &h.path {
+        if !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err((
+                f("path"),
+                format!("{p:?} must start with '/' and hold no spaces"),
+            ));
+        }
+        spec.path = p.clone();
+    }
+    if let Some(m) = &h.method {
+        if m.is_empty() || !m.bytes().all(|c| c.is_ascii_uppercase()) {
+            return Err((
+                f("method"),
+                format!("{m:?}: an HTTP method such as GET or HEAD"),
+            ));
+        }
+        spec.method = m.clone();
+    }
+    if let Some(host) = &h.host {
+        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err((f("host"), format!("{host:?} is not a Host header value")));
+        }
+        spec.host = Some(host.clone());
+    }
+    if let Some(list) = &h.expect {
+        let mut ranges = Vec::new();
+        for v in list {
+            let bad = || {
+                (
+                    f("expect"),
+                    format!("{v}: a status code (200) or a range (\"200-299\")"),
+                )
+            };
+            let (lo, hi) = match v {
+                toml::Value::Integer(n) => (*n, *n),
+                toml::Value::String(s) => {
+                    let (a, b) = s.split_once('-').unwrap_or((s, s));
+                    let p = |x: &str| x.trim().parse::<i64>().map_err(|_| bad());
+                    (p(a)?, p(b)?)
+                }
+                _ => return Err(bad()),
+            };
+            if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+                return Err(bad());
+            }
+            ranges.push((lo as u16, hi as u16));
+        }
+        if ranges.is_empty() {
+            return Err((f("expect"), "list at least one status code".into()));
+        }
+        spec.expect = ranges;
+    }
+    spec.body = h.body.clone();
+    if kind != HealthKind::Http {
+        for (name, set) in [
+            ("method", h.method.is_some()),
+            ("path", h.path.is_some()),
+            ("host", h.host.is_some()),
+            ("expect", h.expect.is_some()),
+            ("body", h.body.is_some()),
+        ] {
+            if set {
+                return Err((
+                    f(name),
+                    format!("only for kind = \"http\" (this is {:?})", h.kind),
+                ));
+            }
         }
     }
-    if let Some(p) = &h.path
-        && !p.starts_with('/')
-    {
-        return Err((format!("{at}.path"), format!("{p:?} must start with '/'")));
+    if let Some(o) = &h.on_down {
+        spec.on_down = match o.as_str() {
+            "keep" => OnDown::Keep,
+            "move" => OnDown::Move,
+            _ => return Err((f("on_down"), format!("{o:?}: use \"keep\" or \"move\""))),
+        };
     }
-    Ok(())
+    if let Some(p) = h.panic_below {
+        if p > 100 {
+            return Err((f("panic_below"), format!("{p}: a percentage, 0..100")));
+        }
+        spec.panic_below_pct = p;
+    }
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -883,6 +1056,53 @@ group = "green"
         let (at, m) = validate_state(&bad, false).unwrap_err();
         assert_eq!(at, "services[web].split");
         assert!(m.contains("90%"), "{m}");
+    }
+
+    #[test]
+    fn health_sections_are_validated_with_defaults_per_protocol() {
+        let c = parse(Path::new("t.toml"), GOOD).unwrap();
+        let h = &c.state.services[0].health;
+        assert_eq!(h.kind, HealthKind::Http);
+        assert_eq!(
+            (h.interval_ms, h.timeout_ms, h.rise, h.fall),
+            (1000, 500, 2, 3)
+        );
+        assert_eq!(h.expect, vec![(200, 399)]);
+        assert_eq!(h.on_down, OnDown::Keep);
+        let more = GOOD.replace(
+            "fall = 3",
+            "fall = 3\nexpect = [200, \"204-206\"]\nbody = \"ok\"\nmax_latency = \"100ms\"\nslow_start = \"10s\"\non_down = \"move\"\npanic_below = 50\nhost = \"web.example\"\nmethod = \"HEAD\"",
+        );
+        let h = parse(Path::new("t.toml"), &more).unwrap().state.services[0]
+            .health
+            .clone();
+        assert_eq!(h.expect, vec![(200, 200), (204, 206)]);
+        assert_eq!((h.max_latency_ms, h.slow_start_ms), (Some(100), 10_000));
+        assert_eq!((h.on_down, h.panic_below_pct), (OnDown::Move, 50));
+        // The written-back section validates to the same spec.
+        let st = parse(Path::new("t.toml"), &more).unwrap().state;
+        validate_state(&st, false).unwrap();
+        let sections: Vec<ServiceSection> = st.services.iter().map(section_of).collect();
+        assert_eq!(validate_services(&sections).unwrap(), st);
+        for (from, to, want) in [
+            ("timeout = \"500ms\"", "timeout = \"2s\"", "health.timeout"),
+            ("fall = 3", "fall = 0", "health.fall"),
+            ("fall = 3", "fall = 3\nexpect = [99]", "health.expect"),
+            ("fall = 3", "fall = 3\non_down = \"drop\"", "health.on_down"),
+            ("kind = \"http\"", "kind = \"tcp\"", "health.path"),
+            ("fall = 3", "fall = 3\nmethod = \"get\"", "health.method"),
+        ] {
+            let e = err(&GOOD.replace(from, to));
+            assert!(e.contains(want), "{to}: {e}");
+        }
+        // No section: none; udp services move flows of a down backend by default.
+        let udp = GOOD
+            .replace("[services.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nrise = 2\nfall = 3\n", "")
+            .replace("split = { blue", "protocol = \"udp\"\nsplit = { blue");
+        let h = parse(Path::new("t.toml"), &udp).unwrap().state.services[0]
+            .health
+            .clone();
+        assert_eq!((h.kind, h.on_down), (HealthKind::None, OnDown::Move));
     }
 
     #[test]

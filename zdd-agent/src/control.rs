@@ -20,11 +20,14 @@ use crate::{
     },
     config::{self, Config},
     daemon::{dp_config, resolve_dsr_neighbours},
+    health::{self, BackendHealth, HealthMap, ProbeResult, Transition},
     live::{self, LiveState},
     maps::{
         ApplyError, Dataplane,
         flows::{CountRules, FlowCounts},
     },
+    probe::Probers,
+    state::HealthKind,
     state::{BackendSpec, Forwarding},
     store::{STATE_VERSION, Saved, Store, services_hash},
 };
@@ -58,6 +61,13 @@ pub enum Intent {
     Metrics { reply: oneshot::Sender<String> },
     /// A new count of active flows per backend.
     FlowCounts(Counted),
+    /// A probe's result.
+    Probe {
+        service: String,
+        backend: String,
+        addr: std::net::SocketAddr,
+        result: ProbeResult,
+    },
 }
 
 /// A count of active flows, and when it began (a flow that ended before that is not in it).
@@ -117,6 +127,14 @@ pub struct Control {
     rates: HashMap<(u16, u16), Rate>,
     /// Tells the flow counter what to count.
     pub count_rules: tokio::sync::watch::Sender<(CountRules, BTreeSet<u16>, Duration)>,
+    /// Health of every checked backend, fed by the probes.
+    pub health: HealthMap,
+    probers: Probers,
+    /// The owner's own channel, given to the probe tasks.
+    intents: Option<mpsc::Sender<Intent>>,
+    /// What health last made of the tables: the state applied and the groups in panic.
+    applied_state: Option<crate::state::DesiredState>,
+    panic: BTreeSet<(String, String)>,
 }
 
 /// A service as events show it before and after a change: the protocol's words (split in
@@ -195,9 +213,163 @@ impl Control {
             counts_at_ms: 0,
             rates: HashMap::new(),
             count_rules,
+            health: HealthMap::new(),
+            probers: Probers::default(),
+            intents: None,
+            applied_state: None,
+            panic: BTreeSet::new(),
         };
         c.update_count_rules();
         c
+    }
+
+    /// Gives the owner its own channel (for the probe tasks) and starts the probes.
+    pub fn start_probes(&mut self, to: mpsc::Sender<Intent>) {
+        self.intents = Some(to);
+        let live = self.live.clone();
+        self.sync_health(&live);
+        self.reconcile_probes();
+    }
+
+    /// Health entries for every checked backend of `live`: new ones start `starting`
+    /// (startup readiness), removed ones are forgotten.
+    fn sync_health(&mut self, live: &LiveState) {
+        let mut want = BTreeSet::new();
+        for s in &live.services {
+            if s.spec.health.kind == HealthKind::None {
+                continue;
+            }
+            for b in &s.spec.backends {
+                want.insert((s.spec.name.clone(), b.name.clone()));
+            }
+        }
+        self.health.retain(|k, _| want.contains(k));
+        for k in want {
+            self.health
+                .entry(k)
+                .or_insert_with(|| BackendHealth::new(health::State::Starting));
+        }
+    }
+
+    fn reconcile_probes(&mut self) {
+        let Some(to) = self.intents.clone() else {
+            return;
+        };
+        let want = self
+            .live
+            .services
+            .iter()
+            .filter(|s| s.spec.health.kind != HealthKind::None)
+            .flat_map(|s| {
+                s.spec.backends.iter().map(move |b| {
+                    (
+                        s.spec.name.clone(),
+                        b.name.clone(),
+                        b.addr,
+                        s.spec.health.clone(),
+                    )
+                })
+            })
+            .collect();
+        self.probers.reconcile(want, &to);
+    }
+
+    fn probe_result(
+        &mut self,
+        service: String,
+        backend: String,
+        addr: std::net::SocketAddr,
+        result: ProbeResult,
+    ) {
+        let Ok(s) = self.live.service(&service) else {
+            return;
+        };
+        // A result for an address the backend no longer has is stale.
+        if !s
+            .spec
+            .backends
+            .iter()
+            .any(|b| b.name == backend && b.addr == addr)
+        {
+            return;
+        }
+        let (rise, fall) = (s.spec.health.rise, s.spec.health.fall);
+        let Some(h) = self.health.get_mut(&(service.clone(), backend.clone())) else {
+            return;
+        };
+        let Some(t) = h.record(result, rise, fall) else {
+            return;
+        };
+        let (kind, message) = match &t {
+            Transition::Up => (
+                "backend_up",
+                format!("{service}: backend {backend} is up (probes pass)"),
+            ),
+            Transition::Down(why) => (
+                "backend_down",
+                format!("{service}: backend {backend} is down: {why}"),
+            ),
+        };
+        self.record(
+            actor(None, "agent"),
+            kind,
+            Some(&service),
+            message,
+            Value::Null,
+            Value::Null,
+        );
+        self.reapply();
+    }
+
+    /// Applies what health makes of the live state now, if it changed what is applied
+    /// (a transition, a slow-start step).
+    pub fn reapply(&mut self) {
+        let outcome = health::apply(&self.live, self.live.effective(), &self.health, now_ms());
+        if self.applied_state.as_ref() == Some(&outcome.state) {
+            self.note_panic(outcome.panic);
+            return;
+        }
+        match self.dp.apply(&outcome.state) {
+            Ok(_) => {}
+            Err(e @ ApplyError::CleanUp { .. }) => log::warn!("health: {e}"),
+            Err(e) => {
+                log::error!("health: applying the tables failed, they are as they were: {e}");
+                return;
+            }
+        }
+        resolve_dsr_neighbours(&outcome.state);
+        self.applied_state = Some(outcome.state);
+        self.note_panic(outcome.panic);
+    }
+
+    /// Records panic mode starting and ending, loudly.
+    fn note_panic(&mut self, now: BTreeSet<(String, String)>) {
+        let started: Vec<_> = now.difference(&self.panic).cloned().collect();
+        let ended: Vec<_> = self.panic.difference(&now).cloned().collect();
+        for (svc, g) in started {
+            log::error!(
+                "PANIC: {svc}: group {g} has too few healthy backends: forwarding to all of them"
+            );
+            self.record(
+                actor(None, "agent"),
+                "panic",
+                Some(&svc),
+                format!("{svc}: panic mode: group {g} has too few healthy backends, so it forwards to all its configured backends"),
+                Value::Null,
+                Value::Null,
+            );
+        }
+        for (svc, g) in ended {
+            self.record(
+                actor(None, "agent"),
+                "panic_over",
+                Some(&svc),
+                format!("{svc}: panic mode over: group {g} has enough healthy backends again"),
+                Value::Null,
+                Value::Null,
+            );
+        }
+        self.panic = now;
     }
 
     /// Persists the live state.
@@ -274,7 +446,9 @@ impl Control {
     /// and that is said).
     fn commit(&mut self, next: LiveState, force: bool) -> Result<Option<String>, ApiError> {
         next.validate(force)?;
-        let effective = next.effective();
+        self.sync_health(&next);
+        let outcome = health::apply(&next, next.effective(), &self.health, now_ms());
+        let effective = outcome.state;
         let warning = match self.dp.apply(&effective) {
             Ok(_) => None,
             Err(e @ ApplyError::CleanUp { .. }) => Some(e.to_string()),
@@ -283,6 +457,9 @@ impl Control {
         };
         self.live = next;
         resolve_dsr_neighbours(&effective);
+        self.applied_state = Some(effective);
+        self.note_panic(outcome.panic);
+        self.reconcile_probes();
         if let Err(e) = self.save() {
             log::error!("{e}");
             return Ok(Some(format!(
@@ -358,6 +535,12 @@ impl Control {
                 };
                 let _ = reply.send(text);
             }
+            Intent::Probe {
+                service,
+                backend,
+                addr,
+                result,
+            } => self.probe_result(service, backend, addr, result),
             Intent::FlowCounts(c) => {
                 self.counts = c.counts;
                 self.counts_at = Some(c.started);
@@ -475,16 +658,22 @@ impl Control {
         force: bool,
     ) -> Result<Value, ApiError> {
         let s = self.live.service(service)?;
-        let serving = s
-            .spec
-            .backends
-            .iter()
-            .any(|b| b.group == to && b.weight > 0 && !s.drains.contains_key(&b.name));
+        let checked = s.spec.health.kind != HealthKind::None;
+        let healthy = |b: &str| {
+            !checked
+                || self
+                    .health
+                    .get(&(service.to_string(), b.to_string()))
+                    .is_some_and(|h| h.state == health::State::Up)
+        };
+        let serving = s.spec.backends.iter().any(|b| {
+            b.group == to && b.weight > 0 && !s.drains.contains_key(&b.name) && healthy(&b.name)
+        });
         if !serving && !force && s.spec.backends.iter().any(|b| b.group == to) {
             return Err(err(
                 ErrorCode::Refused,
                 format!(
-                    "{service}: group {to} has no backend that takes new flows (all at weight 0 or draining): add or undrain one, or use --force to switch anyway (its new flows would be dropped)"
+                    "{service}: group {to} has no healthy backend that takes new flows (down, not probed yet, at weight 0 or draining): fix or add one, or use --force to switch anyway"
                 ),
             ));
         }
@@ -959,6 +1148,14 @@ impl Control {
                         Some(d) if active == 0 && self.counts_at_ms > d.since_ms => "drained",
                         Some(_) => "draining",
                     };
+                    let h = self.health.get(&(spec.name.clone(), b.name.clone()));
+                    let effective_weight = self
+                        .applied_state
+                        .as_ref()
+                        .and_then(|a| a.services.iter().find(|x| x.name == spec.name))
+                        .and_then(|x| x.backends.iter().find(|x| x.name == b.name))
+                        .map(|x| x.weight)
+                        .unwrap_or(0);
                     BackendStatus {
                         name: b.name.clone(),
                         addr: b.addr.to_string(),
@@ -968,6 +1165,19 @@ impl Control {
                         active_flows: active,
                         new_flows_per_s: rate.map(|r| r.new_flows_per_s).unwrap_or(0.0),
                         bytes_per_s: rate.map(|r| r.bytes_per_s).unwrap_or(0.0),
+                        health: match (spec.health.kind, h.map(|h| h.state)) {
+                            (HealthKind::None, _) => "unchecked",
+                            (_, Some(health::State::Up)) => "up",
+                            (_, Some(health::State::Down)) => "down",
+                            _ => "starting",
+                        }
+                        .into(),
+                        last_probe: h.and_then(|h| h.last.as_ref()).map(|r| {
+                            format!("{} {}", if r.ok { "ok:" } else { "failed:" }, r.detail)
+                        }),
+                        probe_latency_ms: h.and_then(|h| h.last.as_ref()).map(|r| r.latency_ms),
+                        down_reason: h.and_then(|h| h.down_reason.clone()),
+                        effective_weight,
                     }
                 })
                 .collect();
@@ -1002,6 +1212,12 @@ impl Control {
                     .collect(),
                 backends,
                 differs_from_file: differs.and_then(|d| (!d.is_empty()).then(|| d.join("; "))),
+                panic_groups: self
+                    .panic
+                    .iter()
+                    .filter(|(sv, _)| *sv == spec.name)
+                    .map(|(_, g)| g.clone())
+                    .collect(),
             });
         }
         Ok(out)

@@ -208,9 +208,35 @@ pub async fn run(path: &Path) -> Result<()> {
         None => None,
     };
     let _socket_file = SocketFile(a.socket.clone());
-    let dp = start(&a, &live.effective())?;
+    // Health at start: the backends of a data path already pinned were serving, so they
+    // start up (probes take them down if they fail); on a fresh start they start
+    // `starting`, taking no new flow until their first probe passes.
+    let adopting = a
+        .pin_dir
+        .join(format!("v{}", zdd_common::LAYOUT_VERSION))
+        .join(zdd_common::map_names::SERVICES)
+        .exists();
+    let mut health = crate::health::HealthMap::new();
+    for s in &live.services {
+        if s.spec.health.kind != crate::state::HealthKind::None {
+            for b in &s.spec.backends {
+                let st = if adopting {
+                    crate::health::State::Up
+                } else {
+                    crate::health::State::Starting
+                };
+                health.insert(
+                    (s.spec.name.clone(), b.name.clone()),
+                    crate::health::BackendHealth::new(st),
+                );
+            }
+        }
+    }
+    let first = crate::health::apply(&live, live.effective(), &health, crate::control::now_ms());
+    let dp = start(&a, &first.state)?;
     let pin_dir = dp.pin_dir().to_path_buf();
     let mut ctl = Control::new(dp, live, cfg, path.to_path_buf(), store, Some(file_hash));
+    ctl.health = health;
     if let Err(e) = ctl.save() {
         log::error!("{e}");
     }
@@ -231,6 +257,7 @@ pub async fn run(path: &Path) -> Result<()> {
     );
     let (tx, mut rx) = mpsc::channel::<Intent>(256);
     spawn_flow_counter(pin_dir, ctl.count_rules.subscribe(), tx.clone());
+    ctl.start_probes(tx.clone());
     tokio::spawn(crate::server::serve(
         listener,
         tx.clone(),
@@ -254,6 +281,8 @@ pub async fn run(path: &Path) -> Result<()> {
             _ = tick.tick() => {
                 ctl.sample_rates();
                 ctl.check_drains();
+                // Slow start: weights ramp up between transitions.
+                ctl.reapply();
                 // The data path met a dsr backend whose neighbour is not resolved: resolve.
                 let now = ctl.dp.stats().map(|s| s.get(zdd_common::Stat::Unresolved)).unwrap_or(0);
                 if now > unresolved {

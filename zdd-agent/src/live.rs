@@ -550,6 +550,10 @@ mod tests {
                 split: vec![("blue".into(), 10_000), ("green".into(), 0)],
                 backends: vec![be("blue-1", "blue", 1), be("green-1", "green", 2)],
                 pins: vec![],
+                health: crate::state::HealthSpec::defaults(
+                    crate::state::HealthKind::None,
+                    Protocol::Tcp,
+                ),
             }],
         })
     }

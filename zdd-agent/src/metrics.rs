@@ -44,6 +44,9 @@ pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
     let weight = Gauges::default();
     let state = Gauges::default();
     let split = Gauges::default();
+    let health = Gauges::default();
+    let probe_latency = Gauges::default();
+    let panic = Gauges::default();
 
     let group_of = |service: &str, backend: &str| -> String {
         status
@@ -81,12 +84,29 @@ pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
                 .get_or_create(&l(&[("service", &s.name), ("group", g)]))
                 .set(*pct);
         }
+        for g in &s.panic_groups {
+            panic
+                .get_or_create(&l(&[("service", &s.name), ("group", g)]))
+                .set(1.0);
+        }
         for b in &s.backends {
             let labels = l(&[
                 ("service", &s.name),
                 ("backend", &b.name),
                 ("group", &b.group),
             ]);
+            if !b.health.is_empty() && b.health != "unchecked" {
+                for st in ["up", "down", "starting"] {
+                    let mut with = labels.clone();
+                    with.push(("health".into(), st.into()));
+                    health
+                        .get_or_create(&with)
+                        .set(if b.health == st { 1.0 } else { 0.0 });
+                }
+                if let Some(ms) = b.probe_latency_ms {
+                    probe_latency.get_or_create(&labels).set(ms / 1e3);
+                }
+            }
             active.get_or_create(&labels).set(b.active_flows as f64);
             weight.get_or_create(&labels).set(b.weight as f64);
             for st in ["serving", "draining", "drained", "removed"] {
@@ -147,6 +167,21 @@ pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
         "zdd_backend_state",
         "1 for the backend's state (serving, draining, drained, removed)",
         state,
+    );
+    reg.register(
+        "zdd_backend_health",
+        "1 for the backend's health (up, down, starting) when the service is checked",
+        health,
+    );
+    reg.register(
+        "zdd_backend_probe_latency_seconds",
+        "The last probe's latency",
+        probe_latency,
+    );
+    reg.register(
+        "zdd_group_panic",
+        "1 while the group is in panic mode (too few healthy backends: all get flows)",
+        panic,
     );
     reg.register(
         "zdd_service_split_percent",
@@ -243,6 +278,7 @@ mod tests {
                     weight: 100,
                     state: "draining".into(),
                     active_flows: 7,
+                    health: "down".into(),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -276,6 +312,7 @@ mod tests {
             "zdd_backend_state{service=\"web\",backend=\"blue-1\",group=\"blue\",state=\"draining\"} 1.0",
             "zdd_backend_state{service=\"web\",backend=\"blue-1\",group=\"blue\",state=\"serving\"} 0.0",
             "zdd_service_split_percent{service=\"web\",group=\"green\"} 5.0",
+            "zdd_backend_health{service=\"web\",backend=\"blue-1\",group=\"blue\",health=\"down\"} 1.0",
             "# EOF",
         ] {
             assert!(t.contains(want), "missing {want:?} in:\n{t}");

@@ -115,6 +115,85 @@ pub struct Pin {
     pub group: String,
 }
 
+/// How a service's backends are checked (`[services.health]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// Not checked: every backend counts as healthy.
+    #[default]
+    None,
+    /// A TCP connect to the backend's address.
+    Tcp,
+    /// An HTTP request to the backend's address.
+    Http,
+}
+
+/// What happens to the established flows of a backend that goes down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    /// They stay on it (a TCP connection may well outlive a failed probe).
+    Keep,
+    /// They move to live backends at their next packet (UDP flows, whose next datagram is
+    /// better served elsewhere).
+    Move,
+}
+
+/// A service's health checking, validated (durations in milliseconds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthSpec {
+    pub kind: HealthKind,
+    pub method: String,
+    pub path: String,
+    /// `Host` header (default: the backend's address).
+    pub host: Option<String>,
+    /// Status codes that pass, as inclusive ranges.
+    pub expect: Vec<(u16, u16)>,
+    /// A substring the body must contain.
+    pub body: Option<String>,
+    pub interval_ms: u64,
+    /// Each interval is lengthened by a random part of this, so probes of many backends
+    /// spread out.
+    pub jitter_ms: u64,
+    pub timeout_ms: u64,
+    /// A probe slower than this fails.
+    pub max_latency_ms: Option<u64>,
+    pub rise: u32,
+    pub fall: u32,
+    /// A backend that comes up ramps from near 0 to its weight over this (0: at once).
+    pub slow_start_ms: u64,
+    pub on_down: OnDown,
+    /// Panic mode when a group's healthy share (by count) is below this percent; 0: when no
+    /// backend of the group is healthy.
+    pub panic_below_pct: u32,
+}
+
+impl HealthSpec {
+    /// The defaults for `kind` and `protocol` (`on_down`: keep for tcp, move for udp).
+    pub fn defaults(kind: HealthKind, protocol: Protocol) -> HealthSpec {
+        HealthSpec {
+            kind,
+            method: "GET".into(),
+            path: "/".into(),
+            host: None,
+            expect: vec![(200, 399)],
+            body: None,
+            interval_ms: 1_000,
+            jitter_ms: 100,
+            timeout_ms: 500,
+            max_latency_ms: None,
+            rise: 2,
+            fall: 3,
+            slow_start_ms: 0,
+            on_down: match protocol {
+                Protocol::Tcp => OnDown::Keep,
+                Protocol::Udp => OnDown::Move,
+            },
+            panic_below_pct: 0,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub name: String,
@@ -126,6 +205,13 @@ pub struct ServiceSpec {
     pub split: Vec<(String, u32)>,
     pub backends: Vec<BackendSpec>,
     pub pins: Vec<Pin>,
+    /// Health checking (`kind = none` when the service has no `[services.health]`).
+    #[serde(default = "no_health")]
+    pub health: HealthSpec,
+}
+
+fn no_health() -> HealthSpec {
+    HealthSpec::defaults(HealthKind::None, Protocol::Tcp)
 }
 
 impl ServiceSpec {

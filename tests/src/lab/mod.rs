@@ -420,6 +420,19 @@ impl Lab {
         servers::wait_ready(self.ns_name(b.node), b, servers[i].as_mut().unwrap(), &log)
     }
 
+    /// Tells the backend's server how to misbehave, at its next request (the lines of
+    /// zdd-lab-server's `--control` file): `healthz=500` (`/healthz` answers 500),
+    /// `healthz_delay_ms=300`, `reset=1` (every other request is answered with a TCP reset).
+    /// An empty text: behave.
+    pub fn set_server_control(&self, backend: &str, text: &str) -> Result<()> {
+        let b = self.backend(backend);
+        let path = servers::control_path(&self.log_dir, b);
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
     fn backend_index(&self, name: &str) -> usize {
         match self.backend(name).node {
             Node::Backend(i) => i,

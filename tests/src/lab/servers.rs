@@ -18,6 +18,11 @@ pub(super) fn log_path(log_dir: &Path, b: &Backend) -> std::path::PathBuf {
     log_dir.join(format!("{}.log", b.name))
 }
 
+/// The server's control file (see zdd-lab-server's `--control`).
+pub(super) fn control_path(log_dir: &Path, b: &Backend) -> std::path::PathBuf {
+    log_dir.join(format!("{}.control", b.name))
+}
+
 /// Starts the server in the backend's namespace; its stderr goes to a log file in `log_dir`.
 pub(super) fn start(bin: &Path, ns: &str, b: &Backend, log_dir: &Path) -> Result<ChildGuard> {
     let log = File::options()
@@ -31,6 +36,8 @@ pub(super) fn start(bin: &Path, ns: &str, b: &Backend, log_dir: &Path) -> Result
         .args(["--listen", &format!("[::]:{HTTP_PORT}")])
         .args(["--udp-echo", &format!("0.0.0.0:{UDP_PORT}")])
         .args(["--udp-echo", &format!("[::]:{UDP_PORT}")])
+        .arg("--control")
+        .arg(control_path(log_dir, b))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);

@@ -157,15 +157,29 @@ pub fn status(r: &StatusResult) -> String {
         if let Some(d) = &s.differs_from_file {
             rows.push(vec!["config file".into(), format!("differs: {d}")]);
         }
+        if !s.panic_groups.is_empty() {
+            rows.push(vec![
+                "PANIC".into(),
+                format!(
+                    "group(s) {} have too few healthy backends: forwarding to all of them",
+                    s.panic_groups.join(", ")
+                ),
+            ]);
+        }
         out.push(table(&[], rows, &[]));
         if s.backends.is_empty() {
             out.push("no backends".into());
         } else {
+            // Health columns only for services that are checked.
+            let checked = s
+                .backends
+                .iter()
+                .any(|b| !b.health.is_empty() && b.health != "unchecked");
             let rows = s
                 .backends
                 .iter()
                 .map(|b| {
-                    vec![
+                    let mut row = vec![
                         b.name.clone(),
                         b.addr.clone(),
                         b.group.clone(),
@@ -174,23 +188,35 @@ pub fn status(r: &StatusResult) -> String {
                         b.active_flows.to_string(),
                         format!("{:.1}", b.new_flows_per_s),
                         bytes_rate(b.bytes_per_s),
-                    ]
+                    ];
+                    if checked {
+                        row.push(health_text(b));
+                        row.push(b.last_probe.clone().unwrap_or_else(|| "-".into()));
+                    }
+                    row
                 })
                 .collect();
-            out.push(table(
-                &[
-                    "BACKEND",
-                    "ADDRESS",
-                    "GROUP",
-                    "WEIGHT",
-                    "STATE",
-                    "ACTIVE FLOWS",
-                    "NEW FLOWS/S",
-                    "BYTES/S",
-                ],
-                rows,
-                &[3, 5, 6, 7],
-            ));
+            let mut header = vec![
+                "BACKEND",
+                "ADDRESS",
+                "GROUP",
+                "WEIGHT",
+                "STATE",
+                "ACTIVE FLOWS",
+                "NEW FLOWS/S",
+                "BYTES/S",
+            ];
+            if checked {
+                header.extend(["HEALTH", "LAST PROBE"]);
+            }
+            out.push(table(&header, rows, &[3, 5, 6, 7]));
+            for b in s.backends.iter().filter(|b| b.down_reason.is_some()) {
+                out.push(format!(
+                    "{} is down: {}",
+                    b.name,
+                    b.down_reason.as_deref().unwrap_or("")
+                ));
+            }
         }
         out.push(String::new());
     }
@@ -212,6 +238,17 @@ pub fn status(r: &StatusResult) -> String {
         ));
     }
     out.join("\n").trim_end().to_string()
+}
+
+/// `up`, `down`, `starting`, or `up, slow start 35%` while a comeback ramps.
+fn health_text(b: &crate::api::BackendStatus) -> String {
+    if b.health == "up" && b.weight > 0 && b.effective_weight < b.weight && b.state == "serving" {
+        return format!(
+            "up, slow start {}%",
+            (b.effective_weight as u64 * 100 / b.weight as u64).max(1)
+        );
+    }
+    b.health.clone()
 }
 
 fn counter_rows(kind: &str, rows: &[CounterRow]) -> String {
@@ -359,6 +396,7 @@ mod tests {
                     active_flows: 1234,
                     new_flows_per_s: 12.345,
                     bytes_per_s: 1_234_567.0,
+                    ..Default::default()
                 },
                 BackendStatus {
                     name: "green-1".into(),
@@ -369,10 +407,32 @@ mod tests {
                     active_flows: 3,
                     new_flows_per_s: 0.0,
                     bytes_per_s: 512.0,
+                    ..Default::default()
                 },
             ],
             differs_from_file: Some("split blue=100 -> blue=95 green=5".into()),
+            panic_groups: vec![],
         }
+    }
+
+    #[test]
+    fn health_columns_and_panic_for_checked_services() {
+        let mut w = web();
+        w.backends[0].health = "up".into();
+        w.backends[0].effective_weight = 35;
+        w.backends[0].last_probe = Some("ok: status 200 in 1.0 ms".into());
+        w.backends[1].health = "down".into();
+        w.backends[1].down_reason = Some("3 probe(s) failed in a row, the last: timeout".into());
+        w.panic_groups = vec!["green".into()];
+        let r = StatusResult {
+            services: vec![w],
+            ..Default::default()
+        };
+        let s = status(&r);
+        assert!(s.contains("HEALTH") && s.contains("LAST PROBE"), "{s}");
+        assert!(s.contains("up, slow start 35%"), "{s}");
+        assert!(s.contains("green-1 is down: 3 probe(s) failed"), "{s}");
+        assert!(s.contains("PANIC"), "{s}");
     }
 
     #[test]

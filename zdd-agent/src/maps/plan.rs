@@ -777,6 +777,10 @@ mod tests {
                 split: split.iter().map(|(g, s)| (g.to_string(), *s)).collect(),
                 backends,
                 pins: vec![],
+                health: crate::state::HealthSpec::defaults(
+                    crate::state::HealthKind::None,
+                    Protocol::Tcp,
+                ),
             }],
         }
     }

@@ -30,6 +30,7 @@ pub fn accept_loop(listener: TcpListener, ident: Arc<Ident>) {
 }
 
 struct Request {
+    path: String,
     head_only: bool,
     keep_alive: bool,
     body_len: usize,
@@ -68,7 +69,23 @@ fn serve(mut s: TcpStream, ident: &Ident) -> io::Result<()> {
             }
             left -= n;
         }
-        s.write_all(&response(ident, &req))?;
+        let c = Control::read(ident);
+        if req.path == "/healthz" {
+            if c.healthz_delay_ms > 0 {
+                thread::sleep(Duration::from_millis(c.healthz_delay_ms));
+            }
+        } else if c.reset {
+            // An abortive close: the client gets a TCP reset instead of an answer.
+            let sock = socket2::SockRef::from(&s);
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            return Ok(());
+        }
+        let status = if req.path == "/healthz" {
+            c.healthz
+        } else {
+            200
+        };
+        s.write_all(&response(ident, &req, status))?;
         if !req.keep_alive {
             let _ = s.shutdown(Shutdown::Write);
             return Ok(());
@@ -80,7 +97,7 @@ fn parse(head: &[u8]) -> Option<Request> {
     let head = std::str::from_utf8(head).ok()?;
     let mut lines = head.split("\r\n");
     let mut first = lines.next()?.split(' ');
-    let (method, _path, version) = (first.next()?, first.next()?, first.next()?);
+    let (method, path, version) = (first.next()?, first.next()?, first.next()?);
     let mut keep_alive = version == "HTTP/1.1";
     let mut body_len = 0;
     for line in lines.filter(|l| !l.is_empty()) {
@@ -102,21 +119,56 @@ fn parse(head: &[u8]) -> Option<Request> {
         }
     }
     Some(Request {
+        path: path.to_string(),
         head_only: method == "HEAD",
         keep_alive,
         body_len,
     })
 }
 
-fn response(ident: &Ident, req: &Request) -> Vec<u8> {
+/// What the control file says now (absent or unreadable: behave).
+struct Control {
+    healthz: u16,
+    healthz_delay_ms: u64,
+    reset: bool,
+}
+
+impl Control {
+    fn read(ident: &Ident) -> Control {
+        let mut c = Control {
+            healthz: 200,
+            healthz_delay_ms: 0,
+            reset: false,
+        };
+        let Some(text) = ident
+            .control
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+        else {
+            return c;
+        };
+        for line in text.lines() {
+            match line.trim().split_once('=') {
+                Some(("healthz", v)) => c.healthz = v.trim().parse().unwrap_or(200),
+                Some(("healthz_delay_ms", v)) => c.healthz_delay_ms = v.trim().parse().unwrap_or(0),
+                Some(("reset", v)) => c.reset = v.trim() == "1",
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+fn response(ident: &Ident, req: &Request, status: u16) -> Vec<u8> {
     let conn = if req.keep_alive {
         "keep-alive"
     } else {
         "close"
     };
     let mut out = format!(
-        "HTTP/1.1 200 OK\r\nX-Backend: {}\r\nX-Group: {}\r\nContent-Type: text/plain\r\n\
+        "HTTP/1.1 {status} {}\r\nX-Backend: {}\r\nX-Group: {}\r\nContent-Type: text/plain\r\n\
          Content-Length: {}\r\nConnection: {conn}\r\n\r\n",
+        if status == 200 { "OK" } else { "Status" },
         ident.name,
         ident.group,
         ident.body.len()

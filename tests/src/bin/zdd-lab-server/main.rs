@@ -15,7 +15,7 @@ use std::thread;
 use socket2::{Domain, Protocol, Socket, Type};
 
 const USAGE: &str = "usage: zdd-lab-server --name NAME --group GROUP \
-    [--listen ADDR:PORT]... [--udp-echo ADDR:PORT]...";
+    [--listen ADDR:PORT]... [--udp-echo ADDR:PORT]... [--control FILE]";
 
 /// Who this server is: what it says in every answer.
 pub struct Ident {
@@ -23,6 +23,9 @@ pub struct Ident {
     pub group: String,
     /// `<name> <group>\n`
     pub body: Vec<u8>,
+    /// `--control FILE`: read at every request; lines `healthz=CODE`,
+    /// `healthz_delay_ms=N`, `reset=1` make the server misbehave on purpose (tests).
+    pub control: Option<std::path::PathBuf>,
 }
 
 struct Args {
@@ -33,6 +36,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let (mut name, mut group, mut listen, mut udp) = (None, None, Vec::new(), Vec::new());
+    let mut control = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -42,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
             "--group" => group = Some(value()?),
             "--listen" => listen.push(addr(value()?)?),
             "--udp-echo" => udp.push(addr(value()?)?),
+            "--control" => control = Some(value()?.into()),
             _ => return Err(format!("unknown argument {flag}")),
         }
     }
@@ -53,7 +58,12 @@ fn parse_args() -> Result<Args, String> {
     }
     let body = format!("{name} {group}\n").into_bytes();
     Ok(Args {
-        ident: Ident { name, group, body },
+        ident: Ident {
+            name,
+            group,
+            body,
+            control,
+        },
         listen,
         udp,
     })
