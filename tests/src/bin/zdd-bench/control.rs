@@ -302,6 +302,97 @@ fn count_flows(lab: &Lab, flows: u32) -> Result<()> {
     })
 }
 
+/// CPU time (user + system) of this process so far.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage into a zeroed struct we own.
+    let u = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// The agent's probe tasks (its own code) probing `n` HTTP backends every second, answered
+/// by a zdd-lab-server in another process on loopback: the probing side's CPU share.
+fn probe_cost(server: &std::path::Path, n: u16, secs: u64) -> Result<()> {
+    use zdd_agent::{
+        control::Intent,
+        probe::Probers,
+        state::{HealthKind, HealthSpec, Protocol},
+    };
+    let base = 20_000u16;
+    let mut cmd = std::process::Command::new(server);
+    cmd.args(["--name", "probe-target", "--group", "g"]);
+    for i in 0..n {
+        cmd.args(["--listen", &format!("127.0.0.1:{}", base + i)]);
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting zdd-lab-server for the probes")?;
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", base + n - 1)).is_err() {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "probe targets not listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (ok, failed, cpu, wall) = rt.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Intent>(4096);
+        let mut h = HealthSpec::defaults(HealthKind::Http, Protocol::Tcp);
+        h.path = "/healthz".into();
+        let want = (0..n)
+            .map(|i| {
+                (
+                    "svc".to_string(),
+                    format!("b{i}"),
+                    SocketAddr::from(([127, 0, 0, 1], base + i)),
+                    h.clone(),
+                )
+            })
+            .collect();
+        let mut probers = Probers::default();
+        probers.reconcile(want, &tx);
+        // Warm up one round, then measure.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        while rx.try_recv().is_ok() {}
+        let (c0, t0) = (cpu_time(), Instant::now());
+        let (mut ok, mut failed) = (0u64, 0u64);
+        let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while let Ok(Some(i)) = tokio::time::timeout_at(end, rx.recv()).await {
+            if let Intent::Probe { result, .. } = i {
+                if result.ok {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+        }
+        (ok, failed, cpu_time() - c0, t0.elapsed())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "active probes: {n} HTTP backends every 1 s (jitter 100 ms), {} s: {ok} probes passed, \
+         {failed} failed; the probing side used {:.1}% of one core ({:.0} us of CPU a probe)",
+        secs,
+        cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
+        cpu.as_secs_f64() * 1e6 / (ok + failed).max(1) as f64
+    );
+    ensure!(
+        failed == 0,
+        "{failed} probes failed against a healthy target"
+    );
+    Ok(())
+}
+
 pub fn run(args: &[String]) -> Result<()> {
     let mut o = Opts { quick: false };
     for a in args {
@@ -315,7 +406,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .parent()
         .context("executable folder")?
         .join("zdd-lab-server");
-    let lab = Lab::new(LabSpec::with_server(server)).context("building the lab")?;
+    let lab = Lab::new(LabSpec::with_server(server.clone())).context("building the lab")?;
     let agent = Agent::start(&lab, &web(&lab))?;
     let n = if o.quick { 200 } else { 1000 };
     round_trips(&agent, n)?;
@@ -324,5 +415,6 @@ pub fn run(args: &[String]) -> Result<()> {
     drop(agent);
     rebuild_and_flip(if o.quick { 5 } else { 20 })?;
     count_flows(&lab, if o.quick { 100_000 } else { 1_000_000 })?;
+    probe_cost(&server, 1000, if o.quick { 3 } else { 10 })?;
     Ok(())
 }
