@@ -458,7 +458,8 @@ fn status_split_switch_and_rollback_from_the_cli() {
     done(&agent, &["backend", "set", "web/green-2", "--weight", "0"]);
     let e = refused(&agent, &["switch", "web", "--to", "green"], "refused");
     assert!(
-        e.contains("group green has no healthy backend that takes new flows") && e.contains("--force"),
+        e.contains("group green has no healthy backend that takes new flows")
+            && e.contains("--force"),
         "{e}"
     );
     assert_eq!(groups(&lab, 10), only("blue", 10));

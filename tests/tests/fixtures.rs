@@ -17,7 +17,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
 use aya::maps::HashMap;
-use zdd_common::{FlowEntry, FlowKey, Stat, flow_flags, map_names};
+use zdd_common::{FlowEntry, FlowKey, PassiveCounters, Stat, flow_flags, map_names};
 use zdd_tests::packet::*;
 use zdd_tests::{Lab, LabSpec, Node, require_privileged};
 
@@ -626,7 +626,7 @@ fn fixtures() {
 }
 
 /// How many cases `run_all` registers.
-const FIXTURE_CASES: usize = 154;
+const FIXTURE_CASES: usize = 163;
 
 fn run_all(lab: &Lab) -> Vec<(String, R)> {
     let mut t = TestRunner::load("fx", 65_536).expect("loading");
@@ -686,6 +686,7 @@ fn run_all(lab: &Lab) -> Vec<(String, R)> {
     removed_backend(&mut fx);
     icmp_errors(&mut fx);
     too_big(&mut fx);
+    passive_signals(&mut fx);
     fx.results
 }
 
@@ -2728,5 +2729,155 @@ fn too_big(fx: &mut Fx) {
             || format!("quote {:?} -> {:?}", q.src_sock(), q.dst_sock()),
         )?;
         icmp_checksums_checked(&out)
+    });
+}
+
+/// Passive counters of every backend of the fixture config, by (service, backend).
+fn all_passive(fx: &Fx) -> Result<Vec<(String, PassiveCounters)>, String> {
+    let mut v = Vec::new();
+    for s in services() {
+        for (b, ..) in s.6 {
+            let c =
+                fx.t.dp
+                    .passive_counters(s.0, b)
+                    .map_err(|e| format!("{e:#}"))?
+                    .ok_or_else(|| format!("backend {b} of {} not applied", s.0))?;
+            v.push((format!("{}/{b}", s.0), c));
+        }
+    }
+    Ok(v)
+}
+
+/// Runs `f`; then backend `who` (`service/backend`) must have counted exactly `want`
+/// (attempts, answered, resets) more, and every other backend nothing.
+fn passive_delta(fx: &mut Fx, who: &str, want: (u64, u64, u64), f: impl FnOnce(&mut Fx) -> R) -> R {
+    let before = all_passive(fx)?;
+    f(fx)?;
+    let after = all_passive(fx)?;
+    let mut errs = Vec::new();
+    for ((name, b), (_, a)) in before.iter().zip(&after) {
+        let got = (
+            a.attempts.wrapping_sub(b.attempts),
+            a.answered.wrapping_sub(b.answered),
+            a.resets.wrapping_sub(b.resets),
+        );
+        let expected = if name == who { want } else { (0, 0, 0) };
+        if got != expected {
+            errs.push(format!(
+                "{name}: (attempts, answered, resets) +{got:?}, expected +{expected:?}"
+            ));
+        }
+    }
+    ensure(errs.is_empty(), || errs.join("; "))
+}
+
+/// Passive health signals (`PASSIVE_STATS`): attempts (client SYN without ACK), answered
+/// (SYN-ACK in a nat reply), resets (RST in a nat reply), per backend; dsr counts attempts only.
+fn passive_signals(fx: &mut Fx) {
+    let (ic, ib) = (fx.if_c, fx.if_b);
+    fx.case("passive_nat_v4_syn_counts_one_attempt", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        passive_delta(fx, "web4/web4-blue", (1, 0, 0), |fx| {
+            fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD).map(drop)
+        })
+    });
+    fx.case("passive_nat_v4_retransmitted_syn_counts_again", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        passive_delta(fx, "web4/web4-blue", (2, 0, 0), |fx| {
+            fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+            fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD).map(drop)
+        })
+    });
+    fx.case("passive_nat_v4_synack_reply_counts_one_answered", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let r = fx.backend_frame(PROTO_TCP, sa(WEB4_BLUE), c4(p));
+        let want = fx.reply_out(&r, sa(WEB4));
+        passive_delta(fx, "web4/web4-blue", (0, 1, 0), |fx| {
+            fx.expect(&r.build(), ib, XDP_REDIRECT, &want, REVERSE)
+        })
+    });
+    fx.case("passive_nat_v4_rst_reply_counts_one_reset", |fx| {
+        // A backend refusing the connection: RST+ACK in answer to the SYN.
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let r = fx
+            .backend_frame(PROTO_TCP, sa(WEB4_BLUE), c4(p))
+            .flags(TCP_RST | TCP_ACK);
+        let want = fx.reply_out(&r, sa(WEB4));
+        passive_delta(fx, "web4/web4-blue", (0, 0, 1), |fx| {
+            fx.expect(&r.build(), ib, XDP_REDIRECT, &want, REVERSE)
+        })
+    });
+    fx.case("passive_nat_v4_established_counts_nothing", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+        fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+        let a = s
+            .flags(TCP_ACK | TCP_PSH)
+            .payload(b"GET / HTTP/1.1\r\n\r\n");
+        let r = fx
+            .backend_frame(PROTO_TCP, sa(WEB4_BLUE), c4(p))
+            .flags(TCP_ACK | TCP_PSH)
+            .payload(b"HTTP/1.1 200 OK\r\n\r\n");
+        let fin = fx
+            .backend_frame(PROTO_TCP, sa(WEB4_BLUE), c4(p))
+            .flags(TCP_FIN | TCP_ACK);
+        passive_delta(fx, "web4/web4-blue", (0, 0, 0), |fx| {
+            fx.run(&a.build(), ic, XDP_REDIRECT, HIT_FWD)?;
+            fx.run(&r.build(), ib, XDP_REDIRECT, REVERSE)?;
+            fx.run(&fin.build(), ib, XDP_REDIRECT, REVERSE).map(drop)
+        })
+    });
+    fx.case(
+        "passive_nat_v4_reply_of_another_backend_counts_nothing",
+        |fx| {
+            // Not a reply of a flow zdd steered to web4-green: passed, and no signal for anyone.
+            let p = fx.port();
+            let s = fx.client_frame(PROTO_TCP, c4(p), sa(WEB4));
+            fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+            let r = fx
+                .backend_frame(PROTO_TCP, backend_addr("web4-green"), c4(p))
+                .flags(TCP_RST | TCP_ACK)
+                .build();
+            passive_delta(fx, "web4/web4-green", (0, 0, 0), |fx| {
+                fx.untouched(&r, ib, XDP_PASS, PASS)
+            })
+        },
+    );
+    fx.case("passive_nat_v6_handshake_and_reset", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c6(p), sa(WEB6));
+        let sa_ = fx.backend_frame(PROTO_TCP, sa(WEB6_BE), c6(p));
+        let rst = fx
+            .backend_frame(PROTO_TCP, sa(WEB6_BE), c6(p))
+            .flags(TCP_RST);
+        passive_delta(fx, "web6/web6-1", (1, 1, 1), |fx| {
+            fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+            fx.run(&sa_.build(), ib, XDP_REDIRECT, REVERSE)?;
+            fx.run(&rst.build(), ib, XDP_REDIRECT, REVERSE).map(drop)
+        })
+    });
+    fx.case("passive_nat_udp_counts_nothing", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_UDP, c4(p), sa(DNS4));
+        let r = fx.backend_frame(PROTO_UDP, sa(DNS4_BE), c4(p));
+        passive_delta(fx, "dns4/none", (0, 0, 0), |fx| {
+            fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+            fx.run(&r.build(), ib, XDP_REDIRECT, REVERSE).map(drop)
+        })
+    });
+    fx.case("passive_dsr_counts_attempts_only", |fx| {
+        let p = fx.port();
+        let s = fx.client_frame(PROTO_TCP, c4(p), sa(DSR4));
+        let a = s.clone().flags(TCP_ACK).payload(b"more");
+        passive_delta(fx, "dsr4/dsr4-1", (1, 0, 0), |fx| {
+            fx.run(&s.build(), ic, XDP_REDIRECT, NEW_FWD)?;
+            fx.run(&a.build(), ic, XDP_REDIRECT, HIT_FWD).map(drop)
+        })
     });
 }

@@ -12,7 +12,7 @@ pub mod hash;
 
 /// Version of the map layout below. Pinned maps live under a directory named after it, so
 /// an agent never adopts maps whose layout it does not understand.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Map names, as declared in the XDP program and pinned under bpffs.
 pub mod map_names {
@@ -33,6 +33,7 @@ pub mod map_names {
     pub const RECORDS: &str = "ZDD_RECORDS";
     pub const REPLY_HOPS: &str = "ZDD_REPLY_HOPS";
     pub const HOP_EPOCH: &str = "ZDD_HOP_EPOCH";
+    pub const PASSIVE_STATS: &str = "ZDD_PASSIVE_STATS";
 }
 
 /// Name of the XDP program in the object.
@@ -342,6 +343,22 @@ pub struct Counters {
     pub new_flows: u64,
 }
 
+/// Value of `PASSIVE_STATS`, by backend id, per CPU (the agent sums them): what the data path
+/// sees of a backend's TCP handshakes, the passive health signals. Counted for every TCP
+/// frame the program takes on, whatever the verdict that followed.
+/// - `attempts`: client SYNs without ACK sent to the backend (a new connection, or a
+///   retransmitted SYN): nat and dsr.
+/// - `answered`: SYN-ACKs in the backend's replies, translated back to the client (a
+///   retransmitted SYN-ACK counts again): nat only, dsr replies bypass the program.
+/// - `resets`: RSTs in the backend's replies to a flow zdd steered there: nat only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PassiveCounters {
+    pub attempts: u64,
+    pub answered: u64,
+    pub resets: u64,
+}
+
 /// Index of `GLOBAL_STATS`: one counter per verdict and per reason. Each counts one thing;
 /// the README's counter table says what, and which verdict goes with it.
 #[repr(u32)]
@@ -471,6 +488,7 @@ mod pod {
     unsafe impl aya::Pod for PortFlags {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for PassiveCounters {}
     unsafe impl aya::Pod for RecordWindow {}
     unsafe impl aya::Pod for ReplyHop {}
 }
@@ -506,6 +524,7 @@ mod tests {
         assert_eq!(size_of::<NextHop>(), 32);
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<Counters>(), 24);
+        assert_eq!(size_of::<PassiveCounters>(), 24);
         assert_eq!(size_of::<RecordWindow>(), 16);
         assert_eq!(size_of::<ReplyHop>(), 56);
         assert_eq!(

@@ -218,6 +218,10 @@ fn new_flow(
         count(Stat::Unrecorded);
     }
     stats::count_flow(svc.id, id, frame_len(ctx), true);
+    // A connection attempt (UDP has no flags: 0). Only here, never on an established packet.
+    if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        stats::count_attempt(id);
+    }
     Some(Ok((id, be, nat)))
 }
 
@@ -379,9 +383,14 @@ fn to_client(ctx: &XdpContext, pkt: &Packet, t: &ReplyTarget, entry: *mut FlowEn
         count(Stat::TtlExpired);
         return XDP_PASS;
     }
-    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        // SAFETY: `entry` came from `flow::reply_of` in this run.
-        unsafe { flow::note_reply_close(entry, pkt.tcp_flags) };
+    // One test for every reply that is not a plain data segment or ACK (UDP: flags 0).
+    if pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            // SAFETY: `entry` came from `flow::reply_of` in this run.
+            unsafe { flow::note_reply_close(entry, pkt.tcp_flags) };
+        }
+        // Passive health signals: a SYN-ACK answers an attempt, an RST is a reset.
+        stats::count_reply_signal(t.backend, pkt.tcp_flags);
     }
     let reply = Reply { pkt, t };
     let Some(cfg) = config() else {

@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use zdd_common::{
     Backend, Config, Counters, DEFAULT_FLOW_TABLE_SIZE, FlowEntry, FlowKey, MAX_BACKENDS,
-    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PinKey, PortFlags, REPLY_HOP_SLOTS,
-    RecordWindow, ReplyHop, ReplyTarget, SLOTS, STAT_COUNT, Selection, Service, ServiceState,
-    VipKey,
+    MAX_MAGLEV_TABLES, MAX_SERVICES, MaglevTable, NextHop, PassiveCounters, PinKey, PortFlags,
+    REPLY_HOP_SLOTS, RecordWindow, ReplyHop, ReplyTarget, SLOTS, STAT_COUNT, Selection, Service,
+    ServiceState, VipKey,
 };
 
 /// VIP (and, with port 0 and protocol 0, a VIP address) → service.
@@ -61,6 +61,11 @@ pub static ZDD_SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SE
 
 #[map]
 pub static ZDD_BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Per CPU, by backend id: handshake attempts, answers and resets (the passive health
+/// signals), apart from `ZDD_BACKEND_STATS` so that an established packet never touches them.
+#[map]
+pub static ZDD_PASSIVE_STATS: PerCpuArray<PassiveCounters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
 /// Per CPU: the window of the new-flow record limit (`record`).
 #[map]

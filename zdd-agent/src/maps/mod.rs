@@ -4,6 +4,7 @@
 mod adopt;
 pub mod flows;
 mod links;
+pub mod passive;
 mod plan;
 mod stats;
 mod writer;

@@ -17,8 +17,8 @@
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key};
 use zdd_common::{
-    Backend, Counters, MaglevTable, NextHop, PinKey, PortFlags, ReplyTarget, SLOTS, Selection,
-    Service, ServiceState, VipKey, backend_flags, map_names as n,
+    Backend, Counters, MaglevTable, NextHop, PassiveCounters, PinKey, PortFlags, ReplyTarget,
+    SLOTS, Selection, Service, ServiceState, VipKey, backend_flags, map_names as n,
 };
 
 use super::{
@@ -165,6 +165,21 @@ impl Dataplane {
                 for b in &p.new_backends {
                     st.set(b.id as u32, zero()?, 0)
                         .map_err(map_err(n::BACKEND_STATS, "write"))?;
+                }
+            }
+            {
+                // A reused id starts with no passive signals of its predecessor.
+                let mut ps: PerCpuArray<&mut MapData, PassiveCounters> =
+                    open_mut(&mut self.ebpf, n::PASSIVE_STATS)?;
+                for b in &p.new_backends {
+                    let zero = PerCpuValues::try_from(vec![PassiveCounters::default(); ncpu])
+                        .map_err(|e| {
+                            DataplaneError::Capacity(format!(
+                                "per-CPU counters for {ncpu} CPUs: {e}"
+                            ))
+                        })?;
+                    ps.set(b.id as u32, zero, 0)
+                        .map_err(map_err(n::PASSIVE_STATS, "write"))?;
                 }
             }
             if p.old.is_none() {
