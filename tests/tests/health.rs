@@ -331,3 +331,62 @@ fn a_new_backend_takes_no_flow_before_its_first_probe_passes() {
     let s = spread(&lab, 40);
     assert!(s.get("blue-2").copied().unwrap_or(0) > 0, "{s:?}");
 }
+
+#[test]
+fn a_backend_that_resets_its_clients_is_ejected_by_the_passive_signals() {
+    require_privileged!();
+    let lab = Lab::new(lab_spec!()).unwrap();
+    let agent = Agent::start(
+        &lab,
+        &web(
+            &lab,
+            "blue = 100, green = 0",
+            "outlier_ratio = 50\noutlier_min_attempts = 10\noutlier_window = \"2s\"\nejection = \"2s\"",
+        ),
+    )
+    .unwrap();
+    wait_health(&agent, "blue-1", "up", Duration::from_secs(3));
+    wait_health(&agent, "blue-2", "up", Duration::from_secs(3));
+    let load = Load::start(&lab, vip(), new_connections_only());
+    std::thread::sleep(Duration::from_millis(500));
+    // blue-1 resets every client connection, while its /healthz passes.
+    lab.set_server_control("blue-1", "reset=1").unwrap();
+    let t = wait_health(&agent, "blue-1", "ejected", Duration::from_secs(5));
+    let at_ejection = load.report();
+    let b = backend(&agent, "blue-1");
+    assert!(
+        b["down_reason"]
+            .as_str()
+            .unwrap()
+            .contains("reset by the backend"),
+        "{b}"
+    );
+    println!(
+        "blue-1 resets its clients: ejected after {t:?}, {} request(s) failed before ({b})",
+        at_ejection.new_failed
+    );
+    // While it is ejected, nothing fails.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        load.report().new_failed,
+        at_ejection.new_failed,
+        "{:?}",
+        load.report().errors
+    );
+    // Fixed while ejected: it comes back when the ejection is over, and stays.
+    lab.set_server_control("blue-1", "").unwrap();
+    let back = wait_health(&agent, "blue-1", "up", Duration::from_secs(6));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(backend(&agent, "blue-1")["health"], "up");
+    let r = load.stop();
+    println!(
+        "back after {back:?}; {} request(s) failed in all",
+        r.new_failed
+    );
+    assert_eq!(r.new_failed, at_ejection.new_failed, "{:?}", r.errors);
+    let events = ok(&agent, r#"{"cmd":"events","limit":20}"#).to_string();
+    assert!(
+        events.contains("backend_ejected") && events.contains("backend_returned"),
+        "{events}"
+    );
+}

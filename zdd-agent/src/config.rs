@@ -143,6 +143,16 @@ pub struct HealthSection {
     pub on_down: Option<String>,
     #[serde(default)]
     pub panic_below: Option<u32>,
+    #[serde(default)]
+    pub outlier_ratio: Option<u32>,
+    #[serde(default)]
+    pub outlier_min_attempts: Option<u64>,
+    #[serde(default)]
+    pub outlier_window: Option<String>,
+    #[serde(default)]
+    pub ejection: Option<String>,
+    #[serde(default)]
+    pub max_ejected: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -327,6 +337,11 @@ fn health_section(h: &HealthSpec) -> Option<HealthSection> {
             .into(),
         ),
         panic_below: Some(h.panic_below_pct),
+        outlier_ratio: Some(h.outlier_ratio_pct),
+        outlier_min_attempts: Some(h.outlier_min_attempts),
+        outlier_window: d(h.outlier_window_ms),
+        ejection: d(h.ejection_ms),
+        max_ejected: Some(h.max_ejected_pct),
     })
 }
 
@@ -918,6 +933,34 @@ fn validate_health(at: &str, h: &HealthSection, protocol: Protocol) -> Result<He
         }
         spec.panic_below_pct = p;
     }
+    for (name, v, dst) in [
+        (
+            "outlier_ratio",
+            h.outlier_ratio,
+            &mut spec.outlier_ratio_pct,
+        ),
+        ("max_ejected", h.max_ejected, &mut spec.max_ejected_pct),
+    ] {
+        if let Some(p) = v {
+            if p > 100 {
+                return Err((f(name), format!("{p}: a percentage, 0..100")));
+            }
+            *dst = p;
+        }
+    }
+    if let Some(n) = h.outlier_min_attempts {
+        if n == 0 {
+            return Err((f("outlier_min_attempts"), "must be at least 1".into()));
+        }
+        spec.outlier_min_attempts = n;
+    }
+    spec.outlier_window_ms = ms(
+        "outlier_window",
+        &h.outlier_window,
+        spec.outlier_window_ms,
+        false,
+    )?;
+    spec.ejection_ms = ms("ejection", &h.ejection, spec.ejection_ms, false)?;
     Ok(spec)
 }
 

@@ -321,6 +321,111 @@ impl Control {
         self.reapply();
     }
 
+    /// Reads the data path's passive signals (once a second), ejects outliers and returns
+    /// those whose ejection is over. nat services with `outlier_ratio` only.
+    pub fn passive_tick(&mut self) {
+        let now = now_ms();
+        let mut events = Vec::new();
+        for s in &self.live.services {
+            let h = &s.spec.health;
+            if h.kind == HealthKind::None {
+                continue;
+            }
+            let name = s.spec.name.clone();
+            // Ejections that are over.
+            for b in &s.spec.backends {
+                if let Some(bh) = self.health.get_mut(&(name.clone(), b.name.clone()))
+                    && bh.end_ejection(now)
+                {
+                    events.push((
+                        "backend_returned",
+                        name.clone(),
+                        format!(
+                            "{name}: backend {} returns after its ejection (slow start)",
+                            b.name
+                        ),
+                    ));
+                }
+            }
+            if h.outlier_ratio_pct == 0 || s.spec.forwarding != crate::state::Forwarding::Nat {
+                continue;
+            }
+            for b in &s.spec.backends {
+                let Ok(Some(c)) = self.dp.passive_counters(&name, &b.name) else {
+                    continue;
+                };
+                let key = (name.clone(), b.name.clone());
+                let Some(bh) = self.health.get_mut(&key) else {
+                    continue;
+                };
+                if bh.ejected() || bh.state != health::State::Up {
+                    continue;
+                }
+                bh.sample(now, c.attempts, c.answered, c.resets, h.outlier_window_ms);
+                let Some(why) = health::outlier(
+                    &bh.samples,
+                    h.outlier_ratio_pct,
+                    h.outlier_min_attempts,
+                    h.outlier_window_ms,
+                ) else {
+                    continue;
+                };
+                // Never more than max_ejected of the group at once.
+                let group: Vec<&str> = s
+                    .spec
+                    .backends
+                    .iter()
+                    .filter(|x| x.group == b.group)
+                    .map(|x| x.name.as_str())
+                    .collect();
+                let ejected = group
+                    .iter()
+                    .filter(|x| {
+                        self.health
+                            .get(&(name.clone(), x.to_string()))
+                            .is_some_and(|y| y.ejected())
+                    })
+                    .count();
+                if (ejected + 1) * 100 > h.max_ejected_pct as usize * group.len() {
+                    log::warn!(
+                        "{name}: backend {} is an outlier ({why}), but ejecting it would exceed max_ejected {}% of group {}",
+                        b.name,
+                        h.max_ejected_pct,
+                        b.group
+                    );
+                    continue;
+                }
+                let Some(bh) = self.health.get_mut(&key) else {
+                    continue;
+                };
+                let period = bh.eject(now, h.ejection_ms, why.clone());
+                events.push((
+                    "backend_ejected",
+                    name.clone(),
+                    format!(
+                        "{name}: backend {} ejected for {:.1} s: {why}",
+                        b.name,
+                        period as f64 / 1e3
+                    ),
+                ));
+            }
+        }
+        let changed = !events.is_empty();
+        for (kind, svc, message) in events {
+            self.record(
+                actor(None, "agent"),
+                kind,
+                Some(&svc),
+                message,
+                Value::Null,
+                Value::Null,
+            );
+        }
+        if changed {
+            self.reapply();
+        }
+    }
+
     /// Applies what health makes of the live state now, if it changed what is applied
     /// (a transition, a slow-start step).
     pub fn reapply(&mut self) {
@@ -1167,6 +1272,7 @@ impl Control {
                         bytes_per_s: rate.map(|r| r.bytes_per_s).unwrap_or(0.0),
                         health: match (spec.health.kind, h.map(|h| h.state)) {
                             (HealthKind::None, _) => "unchecked",
+                            (_, Some(_)) if h.is_some_and(|h| h.ejected()) => "ejected",
                             (_, Some(health::State::Up)) => "up",
                             (_, Some(health::State::Down)) => "down",
                             _ => "starting",
@@ -1176,7 +1282,18 @@ impl Control {
                             format!("{} {}", if r.ok { "ok:" } else { "failed:" }, r.detail)
                         }),
                         probe_latency_ms: h.and_then(|h| h.last.as_ref()).map(|r| r.latency_ms),
-                        down_reason: h.and_then(|h| h.down_reason.clone()),
+                        down_reason: h.and_then(|h| {
+                            h.down_reason.clone().or_else(|| {
+                                h.eject_reason.as_ref().map(|r| {
+                                    format!(
+                                        "ejected for {:.1} s more: {r}",
+                                        h.ejected_until_ms.unwrap_or(0).saturating_sub(now_ms())
+                                            as f64
+                                            / 1e3
+                                    )
+                                })
+                            })
+                        }),
                         effective_weight,
                     }
                 })

@@ -281,7 +281,9 @@ pub async fn run(path: &Path) -> Result<()> {
             _ = tick.tick() => {
                 ctl.sample_rates();
                 ctl.check_drains();
-                // Slow start: weights ramp up between transitions.
+                // Passive signals (outlier ejection), then slow start: weights ramp up
+                // between transitions.
+                ctl.passive_tick();
                 ctl.reapply();
                 // The data path met a dsr backend whose neighbour is not resolved: resolve.
                 let now = ctl.dp.stats().map(|s| s.get(zdd_common::Stat::Unresolved)).unwrap_or(0);

@@ -49,6 +49,82 @@ pub struct BackendHealth {
     /// When it last came up (slow start runs from here).
     pub up_since_ms: Option<u64>,
     pub down_reason: Option<String>,
+    /// Passive samples: (time, attempts, answered, resets), the data path's totals.
+    pub samples: std::collections::VecDeque<(u64, u64, u64, u64)>,
+    /// Ejected by the passive signals until then (Unix ms).
+    pub ejected_until_ms: Option<u64>,
+    pub ejections: u32,
+    pub eject_reason: Option<String>,
+}
+
+/// Why the passive signals say a backend is an outlier, if they do.
+pub fn outlier(
+    samples: &std::collections::VecDeque<(u64, u64, u64, u64)>,
+    ratio_pct: u32,
+    min_attempts: u64,
+    window_ms: u64,
+) -> Option<String> {
+    let (first, last) = (samples.front()?, samples.back()?);
+    let attempts = last.1.saturating_sub(first.1);
+    let answered = last.2.saturating_sub(first.2);
+    let resets = last.3.saturating_sub(first.3);
+    // Retransmitted SYNs and SYN-ACKs both count again: unanswered never goes below 0.
+    let failed = attempts.saturating_sub(answered) + resets;
+    if ratio_pct == 0 || attempts < min_attempts || failed * 100 < ratio_pct as u64 * attempts {
+        return None;
+    }
+    Some(format!(
+        "{failed} of {attempts} connection attempts failed ({} unanswered, {resets} reset by the backend) in {:.1} s, at least {ratio_pct}% with {min_attempts} attempts ejects (window {:.1} s)",
+        attempts.saturating_sub(answered),
+        last.0.saturating_sub(first.0) as f64 / 1e3,
+        window_ms as f64 / 1e3
+    ))
+}
+
+impl BackendHealth {
+    /// Adds a passive sample, keeping `window_ms` of them.
+    pub fn sample(
+        &mut self,
+        at_ms: u64,
+        attempts: u64,
+        answered: u64,
+        resets: u64,
+        window_ms: u64,
+    ) {
+        self.samples.push_back((at_ms, attempts, answered, resets));
+        while self.samples.len() > 2 && self.samples[1].0 + window_ms <= at_ms {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Ejects it for `base_ms` doubled per earlier ejection (at most 32 times).
+    pub fn eject(&mut self, now_ms: u64, base_ms: u64, reason: String) -> u64 {
+        let period = base_ms.saturating_mul(1 << self.ejections.min(5));
+        self.ejections += 1;
+        self.ejected_until_ms = Some(now_ms + period);
+        self.eject_reason = Some(reason);
+        self.samples.clear();
+        period
+    }
+
+    /// Ends an ejection whose time is up; true when it did. The backend comes back with slow
+    /// start, as after any outage.
+    pub fn end_ejection(&mut self, now_ms: u64) -> bool {
+        match self.ejected_until_ms {
+            Some(t) if now_ms >= t => {
+                self.ejected_until_ms = None;
+                self.eject_reason = None;
+                self.samples.clear();
+                self.up_since_ms = Some(now_ms);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn ejected(&self) -> bool {
+        self.ejected_until_ms.is_some()
+    }
 }
 
 impl BackendHealth {
@@ -60,6 +136,10 @@ impl BackendHealth {
             last: None,
             up_since_ms: None,
             down_reason: None,
+            samples: std::collections::VecDeque::new(),
+            ejected_until_ms: None,
+            ejections: 0,
+            eject_reason: None,
         }
     }
 }
@@ -143,10 +223,11 @@ pub fn apply(
         if h.kind == HealthKind::None {
             continue;
         }
+        // An ejected backend is out of the tables like a down one.
         let state_of = |b: &str| {
             health
                 .get(&(svc.name.clone(), b.to_string()))
-                .map(|x| x.state)
+                .map(|x| if x.ejected() { State::Down } else { x.state })
                 .unwrap_or(State::Starting)
         };
         let groups: BTreeSet<String> = svc.backends.iter().map(|b| b.group.clone()).collect();
@@ -242,6 +323,39 @@ mod tests {
             s.record(r(false, 1), 2, 2),
             Some(Transition::Down(_))
         ));
+    }
+
+    #[test]
+    fn outliers_by_the_passive_signals() {
+        let mut h = BackendHealth::new(State::Up);
+        let w = 2_000;
+        h.sample(0, 100, 100, 0, w);
+        h.sample(1_000, 110, 110, 0, w);
+        assert_eq!(outlier(&h.samples, 50, 5, w), None);
+        // 20 attempts in the window, all answered, 12 then reset: 60% failed.
+        h.sample(2_000, 120, 120, 12, w);
+        let why = outlier(&h.samples, 50, 5, w).unwrap();
+        assert!(why.contains("12 of 20"), "{why}");
+        // Older samples leave the window.
+        h.sample(3_500, 130, 130, 12, w);
+        assert_eq!(h.samples.front().unwrap().0, 1_000);
+        // Below the minimum of attempts: nothing.
+        assert_eq!(outlier(&h.samples, 50, 100, w), None);
+        // Unanswered attempts count too.
+        let mut u = BackendHealth::new(State::Up);
+        u.sample(0, 0, 0, 0, w);
+        u.sample(500, 20, 5, 0, w);
+        assert!(
+            outlier(&u.samples, 50, 5, w)
+                .unwrap()
+                .contains("15 unanswered")
+        );
+        // Ejections double, and end with slow start.
+        assert_eq!(h.eject(3_000, 1_000, "x".into()), 1_000);
+        assert!(h.ejected() && !h.end_ejection(3_500));
+        assert!(h.end_ejection(4_000));
+        assert_eq!(h.up_since_ms, Some(4_000));
+        assert_eq!(h.eject(5_000, 1_000, "x".into()), 2_000);
     }
 
     #[test]

@@ -166,6 +166,22 @@ pub struct HealthSpec {
     /// Panic mode when a group's healthy share (by count) is below this percent; 0: when no
     /// backend of the group is healthy.
     pub panic_below_pct: u32,
+    /// Outlier ejection on the data path's passive signals (nat only): a backend whose
+    /// failure ratio (attempts unanswered, plus resets, per attempt) over `outlier_window_ms`
+    /// reaches this percent, with at least `outlier_min_attempts` attempts, is ejected.
+    /// 0: off.
+    #[serde(default)]
+    pub outlier_ratio_pct: u32,
+    #[serde(default)]
+    pub outlier_min_attempts: u64,
+    #[serde(default)]
+    pub outlier_window_ms: u64,
+    /// The first ejection lasts this; each repeat doubles it.
+    #[serde(default)]
+    pub ejection_ms: u64,
+    /// At most this percent of a group is ejected at once.
+    #[serde(default)]
+    pub max_ejected_pct: u32,
 }
 
 impl HealthSpec {
@@ -190,6 +206,11 @@ impl HealthSpec {
                 Protocol::Udp => OnDown::Move,
             },
             panic_below_pct: 0,
+            outlier_ratio_pct: 0,
+            outlier_min_attempts: 20,
+            outlier_window_ms: 10_000,
+            ejection_ms: 30_000,
+            max_ejected_pct: 50,
         }
     }
 }
