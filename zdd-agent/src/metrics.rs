@@ -96,7 +96,7 @@ pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
                 ("group", &b.group),
             ]);
             if !b.health.is_empty() && b.health != "unchecked" {
-                for st in ["up", "down", "starting"] {
+                for st in ["up", "down", "starting", "ejected"] {
                     let mut with = labels.clone();
                     with.push(("health".into(), st.into()));
                     health
@@ -170,7 +170,7 @@ pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
     );
     reg.register(
         "zdd_backend_health",
-        "1 for the backend's health (up, down, starting) when the service is checked",
+        "1 for the backend's health (up, down, starting, ejected) when the service is checked",
         health,
     );
     reg.register(
