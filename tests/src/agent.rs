@@ -200,6 +200,17 @@ impl<'a> Agent<'a> {
         self.lab.log_dir().join("state")
     }
 
+    /// The status of one backend of `service`, as the socket's `status` answers it.
+    pub fn backend_status(&self, service: &str, name: &str) -> Result<serde_json::Value> {
+        let a = self.ask(&format!(r#"{{"cmd":"status","service":"{service}"}}"#))?;
+        let st = crate::control::result(&a)?;
+        st["services"][0]["backends"]
+            .as_array()
+            .and_then(|v| v.iter().find(|b| b["name"] == name))
+            .cloned()
+            .with_context(|| format!("no backend {name} in {st}"))
+    }
+
     /// Sends one request line (JSON text) on a fresh connection and returns the answer.
     pub fn ask(&self, request: &str) -> Result<serde_json::Value> {
         crate::control::Client::connect(&self.socket_path())?.ask(request)

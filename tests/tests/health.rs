@@ -41,14 +41,7 @@ fn ok(agent: &Agent, req: &str) -> Value {
 }
 
 fn backend(agent: &Agent, name: &str) -> Value {
-    let st = ok(agent, r#"{"cmd":"status","service":"web"}"#);
-    st["services"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no {name} in {st}"))
+    agent.backend_status("web", name).unwrap()
 }
 
 /// Waits until `name`'s health is `want`; returns how long it took.

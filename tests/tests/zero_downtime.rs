@@ -208,16 +208,9 @@ fn drain_wait_returns_when_the_last_connection_closes() {
         let r = lab.in_ns(Node::Client, || connect_and_get(vip()).unwrap());
         assert_ne!(r.backend, backend);
     }
-    let st = ok(&agent, r#"{"cmd":"status","service":"web"}"#);
-    let b = st["services"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["name"] == backend.as_str())
-        .unwrap()
-        .clone();
-    assert_eq!(b["state"], "draining", "{st}\n{}", agent.log());
-    assert_eq!(b["active_flows"], conns.len() as u64, "{st}");
+    let b = agent.backend_status("web", &backend).unwrap();
+    assert_eq!(b["state"], "draining", "{b}\n{}", agent.log());
+    assert_eq!(b["active_flows"], conns.len() as u64, "{b}");
     assert!(
         !waiter.is_finished(),
         "drain --wait returned with flows left"
@@ -362,15 +355,10 @@ fn undrain_cancels_a_pending_remove() {
             .contains("cancelled"),
         "{a}"
     );
-    let st = ok(&agent, r#"{"cmd":"status","service":"web"}"#);
-    let b = st["services"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["name"] == backend.as_str())
-        .cloned()
-        .unwrap_or_else(|| panic!("{backend} was removed: {st}"));
-    assert_eq!(b["state"], "serving", "{st}");
+    let b = agent
+        .backend_status("web", &backend)
+        .unwrap_or_else(|e| panic!("{backend} was removed: {e:#}"));
+    assert_eq!(b["state"], "serving", "{b}");
     drop(conns);
 }
 

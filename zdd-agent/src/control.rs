@@ -132,8 +132,7 @@ pub struct Control {
     probers: Probers,
     /// The owner's own channel, given to the probe tasks.
     intents: Option<mpsc::Sender<Intent>>,
-    /// What health last made of the tables: the state applied and the groups in panic.
-    applied_state: Option<crate::state::DesiredState>,
+    /// The groups health last put in panic mode.
     panic: BTreeSet<(String, String)>,
 }
 
@@ -216,7 +215,6 @@ impl Control {
             health: HealthMap::new(),
             probers: Probers::default(),
             intents: None,
-            applied_state: None,
             panic: BTreeSet::new(),
         };
         c.update_count_rules();
@@ -426,24 +424,25 @@ impl Control {
         }
     }
 
-    /// Applies what health makes of the live state now, if it changed what is applied
-    /// (a transition, a slow-start step).
+    /// Applies what health makes of the live state now (a transition, a slow-start step).
+    /// The planner leaves unchanged services alone, so a second with nothing new writes
+    /// nothing.
     pub fn reapply(&mut self) {
         let outcome = health::apply(&self.live, self.live.effective(), &self.health, now_ms());
-        if self.applied_state.as_ref() == Some(&outcome.state) {
-            self.note_panic(outcome.panic);
-            return;
-        }
-        match self.dp.apply(&outcome.state) {
-            Ok(_) => {}
-            Err(e @ ApplyError::CleanUp { .. }) => log::warn!("health: {e}"),
+        let report = match self.dp.apply(&outcome.state) {
+            Ok(r) => r,
+            Err(ApplyError::CleanUp { report, error }) => {
+                log::warn!("health: cleaning up after an apply failed (retried): {error}");
+                *report
+            }
             Err(e) => {
                 log::error!("health: applying the tables failed, they are as they were: {e}");
                 return;
             }
+        };
+        if !(report.added.is_empty() && report.changed.is_empty()) {
+            resolve_dsr_neighbours(&outcome.state);
         }
-        resolve_dsr_neighbours(&outcome.state);
-        self.applied_state = Some(outcome.state);
         self.note_panic(outcome.panic);
     }
 
@@ -562,7 +561,6 @@ impl Control {
         };
         self.live = next;
         resolve_dsr_neighbours(&effective);
-        self.applied_state = Some(effective);
         self.note_panic(outcome.panic);
         self.reconcile_probes();
         if let Err(e) = self.save() {
@@ -1255,11 +1253,9 @@ impl Control {
                     };
                     let h = self.health.get(&(spec.name.clone(), b.name.clone()));
                     let effective_weight = self
-                        .applied_state
-                        .as_ref()
-                        .and_then(|a| a.services.iter().find(|x| x.name == spec.name))
-                        .and_then(|x| x.backends.iter().find(|x| x.name == b.name))
-                        .map(|x| x.weight)
+                        .dp
+                        .applied()
+                        .backend_weight(&spec.name, &b.name)
                         .unwrap_or(0);
                     BackendStatus {
                         name: b.name.clone(),

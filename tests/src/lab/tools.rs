@@ -101,7 +101,7 @@ pub const LAB: &[&str] = &["ip", "ethtool"];
 /// `cargo xtask demo`.
 pub const DEMO: &[&str] = LAB;
 /// `cargo xtask test` (the lab, and clients that some lab tests run).
-pub const TEST: &[&str] = &["ip", "ethtool", "curl", "python3"];
+pub const TEST: &[&str] = &["ip", "ethtool", "curl", "python3", "nft"];
 /// `cargo xtask bench datapath` (bpftool only with ZDD_BENCH_DUMP: see [`bench_datapath`]).
 pub const BENCH_DATAPATH: &[&str] = LAB;
 /// `cargo xtask bench e2e`.

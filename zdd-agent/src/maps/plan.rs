@@ -128,6 +128,18 @@ impl Applied {
         Some((b.id, b.generation))
     }
 
+    /// The weight a backend has in the tables now (after drains and health).
+    pub fn backend_weight(&self, service: &str, backend: &str) -> Option<u32> {
+        Some(
+            self.services
+                .get(service)?
+                .backends
+                .get(backend)?
+                .spec
+                .weight,
+        )
+    }
+
     /// Ids of the services that forward dsr.
     pub fn dsr_service_ids(&self) -> BTreeSet<u16> {
         self.services
