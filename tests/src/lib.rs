@@ -6,6 +6,7 @@ pub mod control;
 pub mod http;
 pub mod lab;
 pub mod load;
+pub mod observability;
 pub mod packet;
 
 pub use agent::{Agent, VIP_V4, VIP_V6};

@@ -1,7 +1,8 @@
 //! Continuous load for the zero-downtime tests: from the client namespace, new connections
 //! (one request each) at a steady rate, and keep-alive connections that send a request every
-//! few milliseconds and check that they stay on their first backend. Counts failed requests,
-//! resets and connections that changed backend. Bounded: it stops when told, and at the
+//! few milliseconds and check that they stay on their first backend. Counts failed requests
+//! (no answer, a reset, or any status but 200, so 5xx answers too), resets and connections that
+//! changed backend. Bounded: it stops when told, and at the
 //! latest after `max_duration`.
 
 use std::{
@@ -16,7 +17,7 @@ use std::{
 };
 
 use crate::{
-    http::{IO_TIMEOUT, http_get},
+    http::{IO_TIMEOUT, Response, http_get},
     lab::{Lab, Node, enter_netns},
 };
 
@@ -31,6 +32,9 @@ pub struct LoadReport {
     pub moved: u64,
     /// New connections per group, in order of completion windows (for "follows the split").
     pub new_by_group: BTreeMap<String, u64>,
+    /// Failed requests (new and keep-alive) per group, for those answered with a status other
+    /// than 200 and an `X-Group` header (a failure without an answer has no group).
+    pub failed_by_group: BTreeMap<String, u64>,
     /// The first few failures, for the assertion message.
     pub errors: Vec<String>,
 }
@@ -49,10 +53,23 @@ struct Shared {
     keepalive_failed: AtomicU64,
     moved: AtomicU64,
     by_group: Mutex<BTreeMap<String, u64>>,
+    failed_by_group: Mutex<BTreeMap<String, u64>>,
     errors: Mutex<Vec<String>>,
 }
 
 impl Shared {
+    fn failed_in(&self, group: &str) {
+        if group.is_empty() {
+            return;
+        }
+        *self
+            .failed_by_group
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(group.to_string())
+            .or_default() += 1;
+    }
+
     fn error(&self, e: String) {
         let mut v = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         if v.len() < 20 {
@@ -110,14 +127,22 @@ impl Load {
                 }
                 while !stop.load(Ordering::Relaxed) && Instant::now() < until {
                     match one_request(vip) {
-                        Ok(group) => {
+                        Ok(r) if r.status == 200 => {
                             shared.new_ok.fetch_add(1, Ordering::Relaxed);
                             *shared
                                 .by_group
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .entry(group)
+                                .entry(r.group)
                                 .or_default() += 1;
+                        }
+                        Ok(r) => {
+                            shared.new_failed.fetch_add(1, Ordering::Relaxed);
+                            shared.failed_in(&r.group);
+                            shared.error(format!(
+                                "new connection: status {} from {}",
+                                r.status, r.backend
+                            ));
                         }
                         Err(e) => {
                             shared.new_failed.fetch_add(1, Ordering::Relaxed);
@@ -149,7 +174,7 @@ impl Load {
                         Ok(r) if r.status == 200 => {
                             shared.keepalive_ok.fetch_add(1, Ordering::Relaxed);
                             match &first {
-                                None => first = Some(r.backend),
+                                None => first = Some(r.backend.clone()),
                                 Some(b) if *b != r.backend => {
                                     shared.moved.fetch_add(1, Ordering::Relaxed);
                                     shared.error(format!(
@@ -159,10 +184,29 @@ impl Load {
                                 }
                                 Some(_) => {}
                             }
+                            // The server closes it gracefully (`Connection: close`): as an
+                            // HTTP client does, open a new one (a new flow, maybe elsewhere).
+                            if r.close {
+                                match TcpStream::connect_timeout(&vip, IO_TIMEOUT) {
+                                    Ok(c) => {
+                                        conn = c;
+                                        first = None;
+                                    }
+                                    Err(e) => {
+                                        shared.keepalive_failed.fetch_add(1, Ordering::Relaxed);
+                                        shared.error(format!("keep-alive {i}: reconnect: {e}"));
+                                        return;
+                                    }
+                                }
+                            }
                         }
                         Ok(r) => {
                             shared.keepalive_failed.fetch_add(1, Ordering::Relaxed);
-                            shared.error(format!("keep-alive {i}: status {}", r.status));
+                            shared.failed_in(&r.group);
+                            shared.error(format!(
+                                "keep-alive {i}: status {} from {}",
+                                r.status, r.backend
+                            ));
                         }
                         Err(e) => {
                             // A broken keep-alive connection: counted once, not retried.
@@ -192,6 +236,11 @@ impl Load {
             keepalive_failed: s.keepalive_failed.load(Ordering::Relaxed),
             moved: s.moved.load(Ordering::Relaxed),
             new_by_group: s.by_group.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            failed_by_group: s
+                .failed_by_group
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             errors: s.errors.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
@@ -217,10 +266,8 @@ impl Drop for Load {
 
 /// One new connection, one request; the client closes first (so TIME_WAIT stays on the
 /// client, whose port choice avoids it, and not on the backend, where a reused port would
-/// meet it after NAT).
-fn one_request(vip: SocketAddr) -> anyhow::Result<String> {
+/// meet it after NAT). Any answer is returned, whatever its status: the caller judges it.
+fn one_request(vip: SocketAddr) -> anyhow::Result<Response> {
     let mut s = TcpStream::connect_timeout(&vip, IO_TIMEOUT)?;
-    let r = http_get(&mut s, &vip.to_string(), "/")?;
-    anyhow::ensure!(r.status == 200, "status {}", r.status);
-    Ok(r.group)
+    http_get(&mut s, &vip.to_string(), "/")
 }

@@ -129,6 +129,74 @@ pub enum Command {
         #[serde(default)]
         dry_run: bool,
     },
+    /// Starts a canary: new flows move to `to` step by step (`steps`: percentages of new
+    /// flows, or names of the service's cohorts, whose sources are pinned to `to`), with an
+    /// analysis at the end of every step that compares `to` with the baseline.
+    Canary {
+        service: String,
+        to: String,
+        /// `["internal", "10", "50", "100"]`.
+        steps: Vec<String>,
+        /// How long each step lasts before its analysis (default `[services.canary]
+        /// interval`, else 30s).
+        #[serde(default)]
+        interval: Option<String>,
+        /// The group new flows come back to on a rollback (default: the group with the
+        /// largest share now).
+        #[serde(default)]
+        baseline: Option<String>,
+        /// A shell command run at the end of every step (as the requesting user); a
+        /// non-zero exit fails the step.
+        #[serde(default)]
+        check: Option<String>,
+        /// New flows the canary group must have had in a step for its analysis to count
+        /// (default `[services.canary] min_flows`).
+        #[serde(default)]
+        min_flows: Option<u64>,
+    },
+    /// Starts a rolling update: batch by batch, drain → `exec` → health → restore.
+    Rolling {
+        service: String,
+        /// `"1"` (backends per batch) or `"25%"` (of the service's backends, rounded up).
+        batch: String,
+        /// The user's update step, run by `sh -c` as the requesting user, once per backend,
+        /// with ZDD_SERVICE, ZDD_BACKEND, ZDD_ADDR, ZDD_IP, ZDD_PORT, ZDD_GROUP, ZDD_BATCH.
+        exec: String,
+        /// Longest wait for a batch's flows to end (default 60s).
+        #[serde(default)]
+        drain_timeout: Option<String>,
+        /// Longest run of `exec` (default 5m).
+        #[serde(default)]
+        exec_timeout: Option<String>,
+        /// Longest wait for the updated backends to pass `rise` probes (default 60s).
+        #[serde(default)]
+        health_timeout: Option<String>,
+    },
+    /// Stops a deployment's clock where it is (a canary keeps its split).
+    Pause {
+        service: String,
+    },
+    /// Continues a paused deployment; a stopped rolling update retries its batch.
+    Resume {
+        service: String,
+    },
+    /// Finishes a deployment now: a canary goes to 100% at once; a rolling update runs its
+    /// remaining batches without waiting on a pause.
+    Promote {
+        service: String,
+    },
+    /// Stops a deployment: a canary goes back to its baseline (cohort pins removed); a
+    /// rolling update stops where it is (the batch in progress stays drained).
+    Abort {
+        service: String,
+    },
+    /// Deployments in progress and past ones (newest first, `limit` default 20).
+    Deployments {
+        #[serde(default)]
+        service: Option<String>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
 }
 
 impl Command {
@@ -136,7 +204,10 @@ impl Command {
     pub fn is_read_only(&self) -> bool {
         matches!(
             self,
-            Command::Status { .. } | Command::Stats | Command::Events { .. }
+            Command::Status { .. }
+                | Command::Stats
+                | Command::Events { .. }
+                | Command::Deployments { .. }
         )
     }
 
@@ -157,6 +228,13 @@ impl Command {
             Command::Pin { .. } => "pin",
             Command::Unpin { .. } => "unpin",
             Command::Apply { .. } => "apply",
+            Command::Canary { .. } => "canary",
+            Command::Rolling { .. } => "rolling",
+            Command::Pause { .. } => "pause",
+            Command::Resume { .. } => "resume",
+            Command::Promote { .. } => "promote",
+            Command::Abort { .. } => "abort",
+            Command::Deployments { .. } => "deployments",
         }
     }
 }
@@ -192,6 +270,104 @@ pub struct ServiceStatus {
     /// Groups in panic mode: too few healthy backends, so all configured ones get flows.
     #[serde(default)]
     pub panic_groups: Vec<String>,
+    /// The deployment in progress (running or paused), if any.
+    #[serde(default)]
+    pub deployment: Option<DeploymentStatus>,
+}
+
+/// `deployments`: those in progress, then past ones, newest first.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeploymentsResult {
+    pub active: Vec<DeploymentStatus>,
+    pub past: Vec<DeploymentStatus>,
+}
+
+/// One deployment as the API shows it (also the answer to `canary`, `rolling`, `pause`,
+/// `resume`, `promote` and `abort`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeploymentStatus {
+    /// Increasing per agent state directory, never reused.
+    pub id: u64,
+    pub service: String,
+    /// `canary` or `rolling`.
+    pub kind: String,
+    /// `running`, `paused` (clock stopped: by `pause`, or waiting for a person after an
+    /// inconclusive analysis), `stopped` (a rolling batch failed: `resume` retries it,
+    /// `abort` ends it), then one of the outcomes `succeeded`, `rolled_back` (a canary's
+    /// analysis failed), `aborted`.
+    pub state: String,
+    /// True for `succeeded`, `rolled_back` and `aborted`.
+    pub finished: bool,
+    /// Unix ms.
+    pub started_ms: u64,
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
+    /// Until now for a deployment in progress.
+    pub duration_ms: u64,
+    /// Canary: the group rolled out, and the one rolled back to.
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
+    pub baseline: Option<String>,
+    /// Canary: the steps as given (`internal`, `10`, ...); rolling: one entry per batch,
+    /// its backends joined by `,`.
+    pub steps: Vec<String>,
+    /// Index into `steps` of the step or batch in progress (== steps.len() when finished
+    /// with success).
+    pub step: usize,
+    /// Rolling: `draining`, `updating` (exec running), `waiting_health`, `restoring`;
+    /// canary: `analysing` while a step's analysis runs, else `observing`.
+    pub phase: String,
+    /// Unix ms when the current step began, and when it ends (None while paused or for
+    /// rolling phases without a deadline).
+    pub step_started_ms: u64,
+    #[serde(default)]
+    pub step_ends_ms: Option<u64>,
+    /// Times the current step was extended for want of evidence.
+    pub extensions: u32,
+    /// The service's split now.
+    pub split: Split,
+    /// Canary: per group (baseline and canary), the signals over the current step so far.
+    #[serde(default)]
+    pub groups: Vec<GroupSignals>,
+    /// Canary: the last analysis (of the last step that ended).
+    #[serde(default)]
+    pub analysis: Vec<CheckResult>,
+    /// Why it is paused, stopped, rolled back; how it ended.
+    pub message: String,
+}
+
+/// A group's data-path and probe signals over a window.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GroupSignals {
+    pub group: String,
+    pub new_flows: u64,
+    /// TCP connection attempts (nat) and those the backends did not answer.
+    pub attempts: u64,
+    pub unanswered: u64,
+    /// Resets sent by the group's backends.
+    pub resets: u64,
+    /// (unanswered + resets) / attempts, percent (None without attempts).
+    #[serde(default)]
+    pub failure_pct: Option<f64>,
+    pub probes: u64,
+    pub probe_failures: u64,
+    #[serde(default)]
+    pub probe_latency_ms: Option<f64>,
+}
+
+/// One criterion of an analysis.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CheckResult {
+    /// `new_flows`, `failures`, `probe_failures`, `probe_latency`, `health`, a
+    /// `[[services.analysis]]` name, or `check`.
+    pub name: String,
+    /// `pass`, `fail`, or `inconclusive` (not enough evidence: the step is extended).
+    pub verdict: String,
+    #[serde(default)]
+    pub value: Option<f64>,
+    /// In words: `2.1% ≤ baseline 0.3% + 1`, `exit status 3`, ...
+    pub detail: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -503,6 +679,13 @@ pub const COMMANDS: &[&str] = &[
     "pin",
     "unpin",
     "apply",
+    "canary",
+    "rolling",
+    "pause",
+    "resume",
+    "promote",
+    "abort",
+    "deployments",
 ];
 
 #[cfg(test)]
@@ -529,7 +712,7 @@ mod tests {
         let r = parse_request(r#"{"cmd":"status"}"#).unwrap();
         assert_eq!(r.v, 1);
         assert!(r.cmd.is_read_only());
-        assert_eq!(COMMANDS.len(), 14);
+        assert_eq!(COMMANDS.len(), 21);
     }
 
     #[test]

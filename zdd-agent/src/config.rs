@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 use serde::Deserialize;
 
 use crate::state::{
-    BackendSpec, DesiredState, Forwarding, HealthKind, HealthSpec, OnDown, Pin, Prefix, Protocol,
-    ServiceSpec,
+    AnalysisQuery, BackendSpec, CanarySpec, Cohort, DesiredState, Forwarding, HealthKind,
+    HealthSpec, OnDown, Pin, Prefix, Protocol, ServiceSpec,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct File {
     pub agent: AgentSection,
+    #[serde(default)]
+    pub alerts: Option<crate::alerts::AlertsSection>,
     #[serde(default)]
     pub services: Vec<ServiceSection>,
 }
@@ -62,6 +64,9 @@ pub struct AgentSection {
     pub socket_group: Option<String>,
     #[serde(default)]
     pub metrics: Option<String>,
+    /// Prometheus HTTP API base URL for `[[services.analysis]]` queries.
+    #[serde(default)]
+    pub prometheus: Option<String>,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -97,6 +102,50 @@ pub struct ServiceSection {
     pub backends: Vec<BackendSection>,
     #[serde(default)]
     pub pins: Vec<PinSection>,
+    #[serde(default)]
+    pub cohorts: Vec<CohortSection>,
+    #[serde(default)]
+    pub analysis: Vec<AnalysisSection>,
+    #[serde(default)]
+    pub canary: Option<CanarySection>,
+}
+
+/// `[[services.cohorts]]`: `name = "internal"`, `sources = ["10.20.0.0/16"]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CohortSection {
+    pub name: String,
+    pub sources: Vec<String>,
+}
+
+/// `[[services.analysis]]`: `name`, `query` (PromQL template), `max` or `min`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisSection {
+    pub name: String,
+    pub query: String,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default)]
+    pub min: Option<f64>,
+}
+
+/// `[services.canary]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanarySection {
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub min_flows: Option<u64>,
+    #[serde(default)]
+    pub max_extensions: Option<u32>,
+    #[serde(default)]
+    pub failure_margin: Option<f64>,
+    #[serde(default)]
+    pub latency_ratio: Option<f64>,
+    #[serde(default)]
+    pub check_timeout: Option<String>,
 }
 
 fn default_protocol() -> String {
@@ -199,6 +248,8 @@ pub struct AgentSettings {
     pub socket_group: Option<SocketGroup>,
     /// Prometheus text endpoint (`ip:port`), off when None.
     pub metrics: Option<SocketAddr>,
+    /// Prometheus HTTP API (`http://host:9090`) for canary analysis queries.
+    pub prometheus: Option<String>,
 }
 
 /// `agent.socket_group`, resolved.
@@ -231,6 +282,7 @@ pub enum XdpModeSetting {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub agent: AgentSettings,
+    pub alerts: crate::alerts::AlertSettings,
     pub state: DesiredState,
 }
 
@@ -286,8 +338,24 @@ pub fn parse(path: &std::path::Path, text: &str) -> Result<Config, ConfigError> 
         message,
     };
     let agent = validate_agent(&file.agent).map_err(|(at, m)| invalid(at, m))?;
+    let alerts = match &file.alerts {
+        Some(a) => crate::alerts::settings(a).map_err(|(at, m)| invalid(at, m))?,
+        None => crate::alerts::AlertSettings::default(),
+    };
     let state = validate_services(&file.services).map_err(|(at, m)| invalid(at, m))?;
-    Ok(Config { agent, state })
+    if agent.prometheus.is_none()
+        && let Some(s) = state.services.iter().find(|s| !s.analysis.is_empty())
+    {
+        return Err(invalid(
+            format!("services[{}].analysis", s.name),
+            "queries need a Prometheus: set agent.prometheus = \"http://127.0.0.1:9090\"".into(),
+        ));
+    }
+    Ok(Config {
+        agent,
+        alerts,
+        state,
+    })
 }
 
 type Invalid = (String, String);
@@ -384,6 +452,32 @@ fn section_of(s: &ServiceSpec) -> ServiceSection {
                 group: p.group.clone(),
             })
             .collect(),
+        cohorts: s
+            .cohorts
+            .iter()
+            .map(|c| CohortSection {
+                name: c.name.clone(),
+                sources: c.sources.iter().map(|p| p.to_string()).collect(),
+            })
+            .collect(),
+        analysis: s
+            .analysis
+            .iter()
+            .map(|q| AnalysisSection {
+                name: q.name.clone(),
+                query: q.query.clone(),
+                max: q.max,
+                min: q.min,
+            })
+            .collect(),
+        canary: Some(CanarySection {
+            interval: Some(format!("{}ms", s.canary.interval_ms)),
+            min_flows: Some(s.canary.min_flows),
+            max_extensions: Some(s.canary.max_extensions),
+            failure_margin: Some(s.canary.failure_margin_pct),
+            latency_ratio: Some(s.canary.latency_ratio),
+            check_timeout: Some(format!("{}ms", s.canary.check_timeout_ms)),
+        }),
     }
 }
 
@@ -471,6 +565,10 @@ fn validate_agent(a: &AgentSection) -> Result<AgentSettings, Invalid> {
             )
         })?),
     };
+    if let Some(u) = &a.prometheus {
+        crate::prom::PromClient::new(u, Duration::from_secs(5))
+            .map_err(|e| (at("prometheus"), e.to_string()))?;
+    }
     if !a.state_dir.is_absolute() {
         return Err((
             at("state_dir"),
@@ -487,6 +585,7 @@ fn validate_agent(a: &AgentSection) -> Result<AgentSettings, Invalid> {
         state_dir: a.state_dir.clone(),
         socket_group,
         metrics,
+        prometheus: a.prometheus.clone(),
         interfaces: a.interfaces.clone(),
         xdp_mode,
         socket: a.socket.clone(),
@@ -743,6 +842,12 @@ fn validate_services_with(
             ));
         }
 
+        let cohorts = validate_cohorts(&at, &s.cohorts, vip.is_ipv4(), &groups)?;
+        let analysis = validate_analysis(&at, &s.analysis)?;
+        let canary = match &s.canary {
+            Some(c) => validate_canary(&f("canary"), c)?,
+            None => CanarySpec::default(),
+        };
         out.push(ServiceSpec {
             name: s.name.clone(),
             vip,
@@ -753,6 +858,9 @@ fn validate_services_with(
             backends,
             pins,
             health,
+            cohorts,
+            analysis,
+            canary,
         });
     }
     // nat replies are matched by the backend's address and port: each serves one VIP.
@@ -795,6 +903,168 @@ fn validate_services_with(
         ));
     }
     Ok(DesiredState { services: out })
+}
+
+/// A name a rollout step can use: not a number, so `--steps internal,10` is unambiguous.
+fn is_cohort_name(n: &str) -> bool {
+    n.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn validate_cohorts(
+    at: &str,
+    cohorts: &[CohortSection],
+    v4: bool,
+    groups: &[&str],
+) -> Result<Vec<Cohort>, Invalid> {
+    let mut out: Vec<Cohort> = Vec::new();
+    for (i, c) in cohorts.iter().enumerate() {
+        let cat = format!("{at}.cohorts[{i}]");
+        if !is_cohort_name(&c.name) {
+            return Err((
+                format!("{cat}.name"),
+                format!(
+                    "{:?}: a cohort name starts with a letter and has letters, digits, '-' or '_' (so steps like `internal,10,50` read unambiguously)",
+                    c.name
+                ),
+            ));
+        }
+        if groups.contains(&c.name.as_str()) {
+            return Err((
+                format!("{cat}.name"),
+                format!(
+                    "{:?} is also a group's name; name the cohort otherwise",
+                    c.name
+                ),
+            ));
+        }
+        if out.iter().any(|o| o.name == c.name) {
+            return Err((format!("{cat}.name"), "another cohort has this name".into()));
+        }
+        if c.sources.is_empty() {
+            return Err((
+                format!("{cat}.sources"),
+                "list at least one source prefix (\"10.20.0.0/16\")".into(),
+            ));
+        }
+        let mut sources: Vec<Prefix> = Vec::new();
+        for (k, src) in c.sources.iter().enumerate() {
+            let sat = format!("{cat}.sources[{k}]");
+            let p: Prefix = src.parse().map_err(|m| (sat.clone(), m))?;
+            if p.addr.is_ipv4() != v4 {
+                return Err((sat, "must be of the VIP's address family".into()));
+            }
+            if sources.contains(&p) {
+                return Err((sat, "listed twice".into()));
+            }
+            sources.push(p);
+        }
+        out.push(Cohort {
+            name: c.name.clone(),
+            sources,
+        });
+    }
+    Ok(out)
+}
+
+fn validate_analysis(at: &str, queries: &[AnalysisSection]) -> Result<Vec<AnalysisQuery>, Invalid> {
+    let mut out: Vec<AnalysisQuery> = Vec::new();
+    for (i, q) in queries.iter().enumerate() {
+        let qat = format!("{at}.analysis[{i}]");
+        if q.name.is_empty()
+            || !q
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err((
+                format!("{qat}.name"),
+                format!("{:?}: use letters, digits, '-', '_' or '.'", q.name),
+            ));
+        }
+        if out.iter().any(|o| o.name == q.name) {
+            return Err((format!("{qat}.name"), "another query has this name".into()));
+        }
+        crate::prom::render_template(
+            &q.query,
+            &[
+                ("group", "g"),
+                ("baseline", "b"),
+                ("service", "s"),
+                ("interval", "30s"),
+            ],
+        )
+        .map_err(|m| (format!("{qat}.query"), m))?;
+        match (q.max, q.min) {
+            (None, None) => {
+                return Err((
+                    qat,
+                    "give a threshold: `max = 0.05` (the value must not exceed it) or `min = 0.99`"
+                        .into(),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err((qat, "give `max` or `min`, not both".into()));
+            }
+            (Some(v), None) | (None, Some(v)) if !v.is_finite() => {
+                return Err((qat, format!("{v}: the threshold must be a finite number")));
+            }
+            _ => {}
+        }
+        out.push(AnalysisQuery {
+            name: q.name.clone(),
+            query: q.query.clone(),
+            max: q.max,
+            min: q.min,
+        });
+    }
+    Ok(out)
+}
+
+fn validate_canary(at: &str, c: &CanarySection) -> Result<CanarySpec, Invalid> {
+    let d = CanarySpec::default();
+    let ms = |field: &str, v: &Option<String>, default: u64| -> Result<u64, Invalid> {
+        match v {
+            None => Ok(default),
+            Some(t) => {
+                let x = parse_duration(t).map_err(|m| (format!("{at}.{field}"), m))?;
+                if x < Duration::from_secs(1) {
+                    return Err((format!("{at}.{field}"), format!("{t}: at least 1s")));
+                }
+                Ok(x.as_millis() as u64)
+            }
+        }
+    };
+    let failure_margin_pct = c.failure_margin.unwrap_or(d.failure_margin_pct);
+    if !(0.0..=100.0).contains(&failure_margin_pct) {
+        return Err((
+            format!("{at}.failure_margin"),
+            format!("{failure_margin_pct}: percentage points between 0 and 100"),
+        ));
+    }
+    let latency_ratio = c.latency_ratio.unwrap_or(d.latency_ratio);
+    if !latency_ratio.is_finite() || latency_ratio < 1.0 {
+        return Err((
+            format!("{at}.latency_ratio"),
+            format!("{latency_ratio}: a ratio of at least 1"),
+        ));
+    }
+    let max_extensions = c.max_extensions.unwrap_or(d.max_extensions);
+    if max_extensions > 100 {
+        return Err((
+            format!("{at}.max_extensions"),
+            format!("{max_extensions}: at most 100"),
+        ));
+    }
+    Ok(CanarySpec {
+        interval_ms: ms("interval", &c.interval, d.interval_ms)?,
+        min_flows: c.min_flows.unwrap_or(d.min_flows),
+        max_extensions,
+        failure_margin_pct,
+        latency_ratio,
+        check_timeout_ms: ms("check_timeout", &c.check_timeout, d.check_timeout_ms)?,
+    })
 }
 
 fn validate_health(at: &str, h: &HealthSection, protocol: Protocol) -> Result<HealthSpec, Invalid> {

@@ -68,6 +68,18 @@ pub enum Intent {
         addr: std::net::SocketAddr,
         result: ProbeResult,
     },
+    /// A canary step's queries and check finished (`attempt` tells a late answer apart).
+    Analysis {
+        id: u64,
+        attempt: u64,
+        results: Vec<crate::api::CheckResult>,
+    },
+    /// A rolling batch's update command finished.
+    Exec {
+        id: u64,
+        attempt: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// A count of active flows, and when it began (a flow that ended before that is not in it).
@@ -81,6 +93,18 @@ pub struct Counted {
 const RING: usize = 1024;
 /// `backend remove` drains this long at most, unless told otherwise.
 pub const DEFAULT_REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The Prometheus client for `agent.prometheus` (validated with the config).
+pub fn prom_client(a: &config::AgentSettings) -> Option<crate::prom::PromClient> {
+    let url = a.prometheus.as_ref()?;
+    match crate::prom::PromClient::new(url, Duration::from_secs(5)) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::error!("agent.prometheus: {e}");
+            None
+        }
+    }
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -120,10 +144,10 @@ pub struct Control {
     seq: u64,
     events: broadcast::Sender<Event>,
     waiters: Vec<Waiter>,
-    counts: FlowCounts,
+    pub(crate) counts: FlowCounts,
     counts_at: Option<Instant>,
     /// Wall-clock start of the last count (Unix ms), to compare with drains' start.
-    counts_at_ms: u64,
+    pub(crate) counts_at_ms: u64,
     rates: HashMap<(u16, u16), Rate>,
     /// Tells the flow counter what to count.
     pub count_rules: tokio::sync::watch::Sender<(CountRules, BTreeSet<u16>, Duration)>,
@@ -131,9 +155,13 @@ pub struct Control {
     pub health: HealthMap,
     probers: Probers,
     /// The owner's own channel, given to the probe tasks.
-    intents: Option<mpsc::Sender<Intent>>,
+    pub(crate) intents: Option<mpsc::Sender<Intent>>,
     /// The groups health last put in panic mode.
     panic: BTreeSet<(String, String)>,
+    /// Where alerts go (never blocks).
+    pub alerts: crate::alerts::Alerts,
+    /// Prometheus for canary analysis (`agent.prometheus`).
+    pub prom: Option<crate::prom::PromClient>,
 }
 
 /// A service as events show it before and after a change: the protocol's words (split in
@@ -216,6 +244,8 @@ impl Control {
             probers: Probers::default(),
             intents: None,
             panic: BTreeSet::new(),
+            alerts: crate::alerts::Alerts::disabled(),
+            prom: None,
         };
         c.update_count_rules();
         c
@@ -295,6 +325,7 @@ impl Control {
         let Some(h) = self.health.get_mut(&(service.clone(), backend.clone())) else {
             return;
         };
+        let was_down = h.state == health::State::Down;
         let Some(t) = h.record(result, rise, fall) else {
             return;
         };
@@ -308,6 +339,27 @@ impl Control {
                 format!("{service}: backend {backend} is down: {why}"),
             ),
         };
+        let group = self.group_of(&service, &backend);
+        let reason = match &t {
+            Transition::Down(why) => why.clone(),
+            Transition::Up => String::new(),
+        };
+        // A first pass after start resolves nothing: only a comeback does.
+        if was_down || matches!(t, Transition::Down(_)) {
+            self.alert(
+                "ZddBackendDown",
+                matches!(t, Transition::Down(_)),
+                &[
+                    ("service", &service),
+                    ("group", &group),
+                    ("backend", &backend),
+                    ("reason", &reason),
+                    ("severity", "warning"),
+                ],
+                message.clone(),
+                None,
+            );
+        }
         self.record(
             actor(None, "agent"),
             kind,
@@ -324,6 +376,7 @@ impl Control {
     pub fn passive_tick(&mut self) {
         let now = now_ms();
         let mut events = Vec::new();
+        let mut alerts: Vec<(&str, String, String, String)> = Vec::new();
         for s in &self.live.services {
             let h = &s.spec.health;
             if h.kind == HealthKind::None {
@@ -335,14 +388,12 @@ impl Control {
                 if let Some(bh) = self.health.get_mut(&(name.clone(), b.name.clone()))
                     && bh.end_ejection(now)
                 {
-                    events.push((
-                        "backend_returned",
-                        name.clone(),
-                        format!(
-                            "{name}: backend {} returns after its ejection (slow start)",
-                            b.name
-                        ),
-                    ));
+                    let m = format!(
+                        "{name}: backend {} returns after its ejection (slow start)",
+                        b.name
+                    );
+                    alerts.push(("backend_returned", name.clone(), m.clone(), b.name.clone()));
+                    events.push(("backend_returned", name.clone(), m));
                 }
             }
             if h.outlier_ratio_pct == 0 || s.spec.forwarding != crate::state::Forwarding::Nat {
@@ -397,18 +448,32 @@ impl Control {
                     continue;
                 };
                 let period = bh.eject(now, h.ejection_ms, why.clone());
-                events.push((
-                    "backend_ejected",
-                    name.clone(),
-                    format!(
-                        "{name}: backend {} ejected for {:.1} s: {why}",
-                        b.name,
-                        period as f64 / 1e3
-                    ),
-                ));
+                let m = format!(
+                    "{name}: backend {} ejected for {:.1} s: {why}",
+                    b.name,
+                    period as f64 / 1e3
+                );
+                alerts.push(("backend_ejected", name.clone(), m.clone(), b.name.clone()));
+                events.push(("backend_ejected", name.clone(), m));
             }
         }
         let changed = !events.is_empty();
+        for (kind, svc, message, backend) in &alerts {
+            let group = self.group_of(svc, backend);
+            self.alert(
+                "ZddBackendEjected",
+                *kind == "backend_ejected",
+                &[
+                    ("service", svc),
+                    ("group", &group),
+                    ("backend", backend),
+                    ("reason", "outlier"),
+                    ("severity", "warning"),
+                ],
+                message.clone(),
+                None,
+            );
+        }
         for (kind, svc, message) in events {
             self.record(
                 actor(None, "agent"),
@@ -450,6 +515,23 @@ impl Control {
     fn note_panic(&mut self, now: BTreeSet<(String, String)>) {
         let started: Vec<_> = now.difference(&self.panic).cloned().collect();
         let ended: Vec<_> = self.panic.difference(&now).cloned().collect();
+        for (svc, g) in started.iter().chain(ended.iter()) {
+            let firing = started.contains(&(svc.clone(), g.clone()));
+            self.alert(
+                "ZddPanicMode",
+                firing,
+                &[("service", svc), ("group", g), ("severity", "critical")],
+                format!(
+                    "{svc}: group {g} {}",
+                    if firing {
+                        "is in panic mode: too few healthy backends, forwarding to all of them"
+                    } else {
+                        "is out of panic mode"
+                    }
+                ),
+                None,
+            );
+        }
         for (svc, g) in started {
             log::error!(
                 "PANIC: {svc}: group {g} has too few healthy backends: forwarding to all of them"
@@ -474,6 +556,55 @@ impl Control {
             );
         }
         self.panic = now;
+    }
+
+    /// Passive signals, deployments and alert counts for the metrics endpoint.
+    fn metrics_extra(&self) -> crate::metrics::Extra {
+        let mut passive = Vec::new();
+        for s in &self.live.services {
+            for b in &s.spec.backends {
+                if let Ok(Some(c)) = self.dp.passive_counters(&s.spec.name, &b.name) {
+                    passive.push((
+                        s.spec.name.clone(),
+                        b.name.clone(),
+                        c.attempts,
+                        c.answered,
+                        c.resets,
+                    ));
+                }
+            }
+        }
+        let now = now_ms();
+        let deployments = self
+            .live
+            .services
+            .iter()
+            .filter_map(|s| {
+                self.active_deployment(&s.spec.name).or_else(|| {
+                    self.live
+                        .deployments
+                        .iter()
+                        .rev()
+                        .find(|d| d.service == s.spec.name)
+                })
+            })
+            .map(|d| d.status(crate::api::Split::new(), Vec::new(), now))
+            .collect();
+        crate::metrics::Extra {
+            passive,
+            deployments,
+            outcomes: self.live.outcomes.clone(),
+            alerts: self.alerts.counts(),
+        }
+    }
+
+    fn group_of(&self, service: &str, backend: &str) -> String {
+        self.live
+            .service(service)
+            .ok()
+            .and_then(|s| s.spec.backends.iter().find(|b| b.name == backend))
+            .map(|b| b.group.clone())
+            .unwrap_or_default()
     }
 
     /// Persists the live state.
@@ -548,7 +679,11 @@ impl Control {
     /// Makes `next` the live state: validated, written to the maps, persisted. On an error
     /// nothing changed (or, for a clean-up failure after the flip, the change is in force
     /// and that is said).
-    fn commit(&mut self, next: LiveState, force: bool) -> Result<Option<String>, ApiError> {
+    pub(crate) fn commit(
+        &mut self,
+        next: LiveState,
+        force: bool,
+    ) -> Result<Option<String>, ApiError> {
         next.validate(force)?;
         self.sync_health(&next);
         let outcome = health::apply(&next, next.effective(), &self.health, now_ms());
@@ -630,7 +765,9 @@ impl Control {
             Intent::Reload => self.reload(),
             Intent::Metrics { reply } => {
                 let text = match (self.status(None), self.stats()) {
-                    (Ok(st), Ok(stats)) => crate::metrics::render(&st, &stats),
+                    (Ok(st), Ok(stats)) => {
+                        crate::metrics::render(&st, &stats, &self.metrics_extra())
+                    }
                     (Err(e), _) | (_, Err(e)) => {
                         log::warn!("metrics: {e}");
                         String::new()
@@ -649,11 +786,37 @@ impl Control {
                 self.counts_at = Some(c.started);
                 self.counts_at_ms = c.started_ms;
                 self.check_drains();
+                self.deploy_tick();
             }
+            Intent::Analysis {
+                id,
+                attempt,
+                results,
+            } => self.on_analysis(id, attempt, results),
+            Intent::Exec {
+                id,
+                attempt,
+                result,
+            } => self.on_exec(id, attempt, result),
         }
     }
 
     fn request(&mut self, cmd: Command, peer: Peer, reply: Reply) {
+        // While a canary runs it owns the split and pins.
+        let owned = match &cmd {
+            Command::Split { service, .. } => Some((service, "split")),
+            Command::Switch { service, .. } => Some((service, "switch")),
+            Command::Rollback { service } => Some((service, "rollback")),
+            Command::Pin { service, .. } => Some((service, "pin")),
+            Command::Unpin { service, .. } => Some((service, "unpin")),
+            _ => None,
+        };
+        if let Some((service, what)) = owned
+            && let Err(e) = self.refuse_if_canary(service, what)
+        {
+            let _ = reply.send(Err(e));
+            return;
+        }
         let answer = match cmd {
             Command::Status { service, .. } => self.status(service.as_deref()).map(|s| json!(s)),
             Command::Stats => self.stats().map(|s| json!(s)),
@@ -671,7 +834,9 @@ impl Control {
             }),
             Command::Switch { service, to, force } => self.switch(peer, &service, &to, force),
             Command::Rollback { service } => {
+                let before = self.shares(&service);
                 self.change(peer, "rollback", &service, false, |l| l.rollback(&service))
+                    .map(|v| self.with_capacity_warning(&service, &before, v))
             }
             Command::BackendAdd {
                 service,
@@ -749,6 +914,13 @@ impl Control {
                 })
             }
             Command::Apply { config, dry_run } => self.apply_text(peer, &config, dry_run),
+            c @ (Command::Canary { .. }
+            | Command::Rolling { .. }
+            | Command::Pause { .. }
+            | Command::Resume { .. }
+            | Command::Promote { .. }
+            | Command::Abort { .. }
+            | Command::Deployments { .. }) => self.deploy_request(c, peer),
         };
         let _ = reply.send(answer);
     }
@@ -780,7 +952,33 @@ impl Control {
                 ),
             ));
         }
+        let before = self.shares(service);
         self.change(peer, "switch", service, force, |l| l.switch(service, to))
+            .map(|v| self.with_capacity_warning(service, &before, v))
+    }
+
+    /// Each group's share now.
+    fn shares(&self, service: &str) -> std::collections::BTreeMap<String, u32> {
+        self.live
+            .service(service)
+            .map(|s| s.spec.split.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Adds a capacity warning (and its event) to a change's answer when new flows moved
+    /// back to a group that is now smaller than when it last took them all.
+    fn with_capacity_warning(
+        &mut self,
+        service: &str,
+        before: &std::collections::BTreeMap<String, u32>,
+        mut answer: Value,
+    ) -> Value {
+        if let Some(w) = self.check_capacity(service, before)
+            && let Some(m) = answer.get_mut("message")
+        {
+            *m = Value::String(format!("{}; WARNING: {w}", m.as_str().unwrap_or_default()));
+        }
+        answer
     }
 
     /// A drain or removal must leave each group that gets new flows (a share or a pin) a
@@ -922,7 +1120,7 @@ impl Control {
         self.update_count_rules();
     }
 
-    fn active(&self, slot: (u16, u16)) -> u64 {
+    pub(crate) fn active(&self, slot: (u16, u16)) -> u64 {
         self.counts.get(&slot).copied().unwrap_or(0)
     }
 
@@ -1090,6 +1288,35 @@ impl Control {
         }
         let mut next = self.live.clone();
         let changes = next.apply_file(&new.state);
+        for d in self.live.deployments.iter().filter(|d| d.active()) {
+            let (now, then) = (
+                next.service(&d.service).ok(),
+                self.live.service(&d.service).ok(),
+            );
+            let owned = matches!(d.plan, crate::deploy::Plan::Canary(_));
+            let conflict = match (now, then) {
+                (None, _) => Some("removes the service"),
+                (Some(a), Some(b)) if owned && a.spec.split != b.spec.split => {
+                    Some("changes its split")
+                }
+                (Some(a), Some(b)) if owned && a.spec.pins != b.spec.pins => {
+                    Some("changes its pins")
+                }
+                _ => None,
+            };
+            if let Some(what) = conflict {
+                return Err(err(
+                    ErrorCode::Refused,
+                    format!(
+                        "{}: {} is in progress and the config {what}: `zdd promote {}` or `zdd abort {}` first, or leave the split and pins as they are in the file; nothing was applied",
+                        d.service,
+                        d.position(),
+                        d.service,
+                        d.service
+                    ),
+                ));
+            }
+        }
         let (old_dp, new_dp) = (dp_config(r), dp_config(a));
         let tunables = !from_request && old_dp != new_dp;
         if tunables {
@@ -1118,6 +1345,13 @@ impl Control {
         }
         if !from_request {
             self.file_hash = Some(services_hash(&new.state));
+            if new.alerts != self.cfg.alerts {
+                log::info!("alert receivers changed: restarting the alert senders");
+                self.alerts = crate::alerts::Alerts::start(new.alerts.clone());
+            }
+            if new.agent.prometheus != self.cfg.agent.prometheus {
+                self.prom = prom_client(&new.agent);
+            }
             self.cfg = new;
             let _ = self.save();
         }
@@ -1331,6 +1565,7 @@ impl Control {
                     .filter(|(sv, _)| *sv == spec.name)
                     .map(|(_, g)| g.clone())
                     .collect(),
+                deployment: self.deployment_status(&spec.name),
             });
         }
         Ok(out)

@@ -235,8 +235,11 @@ pub async fn run(path: &Path) -> Result<()> {
     let first = crate::health::apply(&live, live.effective(), &health, crate::control::now_ms());
     let dp = start(&a, &first.state)?;
     let pin_dir = dp.pin_dir().to_path_buf();
+    let alert_settings = cfg.alerts.clone();
     let mut ctl = Control::new(dp, live, cfg, path.to_path_buf(), store, Some(file_hash));
     ctl.health = health;
+    ctl.alerts = crate::alerts::Alerts::start(alert_settings);
+    ctl.prom = crate::control::prom_client(&a);
     if let Err(e) = ctl.save() {
         log::error!("{e}");
     }
@@ -258,6 +261,7 @@ pub async fn run(path: &Path) -> Result<()> {
     let (tx, mut rx) = mpsc::channel::<Intent>(256);
     spawn_flow_counter(pin_dir, ctl.count_rules.subscribe(), tx.clone());
     ctl.start_probes(tx.clone());
+    ctl.resume_deployments_after_restart();
     tokio::spawn(crate::server::serve(
         listener,
         tx.clone(),
@@ -285,6 +289,7 @@ pub async fn run(path: &Path) -> Result<()> {
                 // between transitions.
                 ctl.passive_tick();
                 ctl.reapply();
+                ctl.deploy_tick();
                 // The data path met a dsr backend whose neighbour is not resolved: resolve.
                 let now = ctl.dp.stats().map(|s| s.get(zdd_common::Stat::Unresolved)).unwrap_or(0);
                 if now > unresolved {

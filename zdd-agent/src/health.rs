@@ -55,6 +55,11 @@ pub struct BackendHealth {
     pub ejected_until_ms: Option<u64>,
     pub ejections: u32,
     pub eject_reason: Option<String>,
+    /// Probe totals since the agent started (canary analysis takes differences).
+    pub probes: u64,
+    pub probe_failures: u64,
+    /// Sum of the latencies of passed probes, in µs.
+    pub latency_us_sum: u64,
 }
 
 /// Why the passive signals say a backend is an outlier, if they do.
@@ -140,6 +145,9 @@ impl BackendHealth {
             ejected_until_ms: None,
             ejections: 0,
             eject_reason: None,
+            probes: 0,
+            probe_failures: 0,
+            latency_us_sum: 0,
         }
     }
 }
@@ -156,6 +164,12 @@ impl BackendHealth {
         let now = r.at_ms;
         let ok = r.ok;
         let detail = r.detail.clone();
+        self.probes += 1;
+        if ok {
+            self.latency_us_sum += (r.latency_ms * 1000.0).max(0.0) as u64;
+        } else {
+            self.probe_failures += 1;
+        }
         self.last = Some(r);
         if ok {
             self.ok_streak += 1;
@@ -394,6 +408,9 @@ mod tests {
                 ],
                 pins: vec![],
                 health,
+                cohorts: vec![],
+                analysis: vec![],
+                canary: Default::default(),
             }],
         })
     }

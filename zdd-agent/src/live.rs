@@ -35,11 +35,25 @@ pub struct LiveService {
     /// Earlier splits, oldest first.
     #[serde(default)]
     pub history: Vec<Vec<(String, u32)>>,
+    /// Per group, its healthy capacity (sum of the effective weights of its healthy
+    /// backends) the last time it had all new flows: what a rollback to it must be able to
+    /// take again.
+    #[serde(default)]
+    pub full_capacity: BTreeMap<String, u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LiveState {
     pub services: Vec<LiveService>,
+    /// Deployments in progress, then finished ones (the last `deploy::KEEP_PAST`), oldest
+    /// first.
+    #[serde(default)]
+    pub deployments: Vec<crate::deploy::Deployment>,
+    #[serde(default)]
+    pub next_deployment_id: u64,
+    /// Finished deployments by `service/kind/outcome` (for the metrics' counter).
+    #[serde(default)]
+    pub outcomes: BTreeMap<String, u64>,
 }
 
 fn err(code: ErrorCode, m: impl Into<String>) -> ApiError {
@@ -107,8 +121,10 @@ impl LiveState {
                     spec: s.clone(),
                     drains: BTreeMap::new(),
                     history: Vec::new(),
+                    full_capacity: BTreeMap::new(),
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -397,9 +413,11 @@ impl LiveState {
                 spec: spec.clone(),
                 drains: BTreeMap::new(),
                 history: Vec::new(),
+                full_capacity: BTreeMap::new(),
             };
             if let Some(o) = old {
                 s.history = o.history.clone();
+                s.full_capacity = o.full_capacity.clone();
                 s.drains = o
                     .drains
                     .iter()
@@ -521,6 +539,38 @@ pub fn diff(from: &DesiredState, to: &DesiredState) -> Vec<String> {
                 out.push(format!("{n}: pin {} -> {} added", q.prefix, q.group));
             }
         }
+        if s.cohorts != t.cohorts {
+            let names = |c: &[crate::state::Cohort]| {
+                c.iter()
+                    .map(|c| {
+                        let src: Vec<String> = c.sources.iter().map(|p| p.to_string()).collect();
+                        format!("{}=[{}]", c.name, src.join(","))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            out.push(format!(
+                "{n}: cohorts {} -> {}",
+                names(&s.cohorts),
+                names(&t.cohorts)
+            ));
+        }
+        if s.analysis != t.analysis {
+            let names = |a: &[crate::state::AnalysisQuery]| {
+                a.iter()
+                    .map(|q| q.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            out.push(format!(
+                "{n}: analysis queries [{}] -> [{}]",
+                names(&s.analysis),
+                names(&t.analysis)
+            ));
+        }
+        if s.canary != t.canary {
+            out.push(format!("{n}: canary settings changed"));
+        }
     }
     out
 }
@@ -554,6 +604,9 @@ mod tests {
                     crate::state::HealthKind::None,
                     Protocol::Tcp,
                 ),
+                cohorts: vec![],
+                analysis: vec![],
+                canary: Default::default(),
             }],
         })
     }

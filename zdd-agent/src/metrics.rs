@@ -29,9 +29,21 @@ fn l(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
+/// What the metrics show besides the status and the counters.
+#[derive(Default)]
+pub struct Extra {
+    /// (service, backend, attempts, answered, resets): the passive signals' totals.
+    pub passive: Vec<(String, String, u64, u64, u64)>,
+    /// Each service's latest deployment (in progress or finished).
+    pub deployments: Vec<crate::api::DeploymentStatus>,
+    /// Finished deployments by `service/kind/outcome`.
+    pub outcomes: std::collections::BTreeMap<String, u64>,
+    pub alerts: Vec<crate::alerts::ReceiverCounts>,
+}
+
 /// The metrics text for a status and the counters (a fresh registry each time: the values
 /// are totals read from the data path, not increments).
-pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
+pub fn render(status: &StatusResult, stats: &StatsResult, extra: &Extra) -> String {
     let mut reg = Registry::default();
     let backend_packets = Counters::default();
     let backend_bytes = Counters::default();
@@ -47,6 +59,17 @@ pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
     let health = Gauges::default();
     let probe_latency = Gauges::default();
     let panic = Gauges::default();
+    let effective = Gauges::default();
+    let passive_attempts = Counters::default();
+    let passive_answered = Counters::default();
+    let passive_resets = Counters::default();
+    let dep_state = Gauges::default();
+    let dep_step = Gauges::default();
+    let dep_steps = Gauges::default();
+    let outcomes = Counters::default();
+    let alerts_sent = Counters::default();
+    let alerts_failed = Counters::default();
+    let alerts_dropped = Counters::default();
 
     let group_of = |service: &str, backend: &str| -> String {
         status
@@ -84,10 +107,15 @@ pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
                 .get_or_create(&l(&[("service", &s.name), ("group", g)]))
                 .set(*pct);
         }
-        for g in &s.panic_groups {
+        // Every group, 0 or 1, so a dashboard shows panic as a line rather than a gap.
+        let mut groups: Vec<&String> = s.split.keys().collect();
+        groups.extend(s.backends.iter().map(|b| &b.group));
+        groups.sort();
+        groups.dedup();
+        for g in groups {
             panic
                 .get_or_create(&l(&[("service", &s.name), ("group", g)]))
-                .set(1.0);
+                .set(if s.panic_groups.contains(g) { 1.0 } else { 0.0 });
         }
         for b in &s.backends {
             let labels = l(&[
@@ -109,6 +137,9 @@ pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
             }
             active.get_or_create(&labels).set(b.active_flows as f64);
             weight.get_or_create(&labels).set(b.weight as f64);
+            effective
+                .get_or_create(&labels)
+                .set(b.effective_weight as f64);
             for st in ["serving", "draining", "drained", "removed"] {
                 let mut with = labels.clone();
                 with.push(("state".into(), st.into()));
@@ -118,6 +149,107 @@ pub fn render(status: &StatusResult, stats: &StatsResult) -> String {
             }
         }
     }
+    for (service, backend, attempts, answered, resets) in &extra.passive {
+        let g = group_of(service, backend);
+        let labels = l(&[("service", service), ("backend", backend), ("group", &g)]);
+        passive_attempts.get_or_create(&labels).inc_by(*attempts);
+        passive_answered.get_or_create(&labels).inc_by(*answered);
+        passive_resets.get_or_create(&labels).inc_by(*resets);
+    }
+    for d in &extra.deployments {
+        for st in [
+            "running",
+            "paused",
+            "stopped",
+            "succeeded",
+            "rolled_back",
+            "aborted",
+        ] {
+            dep_state
+                .get_or_create(&l(&[
+                    ("service", &d.service),
+                    ("kind", &d.kind),
+                    ("state", st),
+                ]))
+                .set(if d.state == st { 1.0 } else { 0.0 });
+        }
+        let labels = l(&[("service", &d.service), ("kind", &d.kind)]);
+        dep_step
+            .get_or_create(&labels)
+            .set((d.step + 1).min(d.steps.len()) as f64);
+        dep_steps.get_or_create(&labels).set(d.steps.len() as f64);
+    }
+    for (key, n) in &extra.outcomes {
+        let mut parts = key.splitn(3, '/');
+        let (Some(service), Some(kind), Some(outcome)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        outcomes
+            .get_or_create(&l(&[
+                ("service", service),
+                ("kind", kind),
+                ("outcome", outcome),
+            ]))
+            .inc_by(*n);
+    }
+    for a in &extra.alerts {
+        let labels = l(&[("receiver", &a.receiver), ("kind", a.kind)]);
+        alerts_sent.get_or_create(&labels).inc_by(a.sent);
+        alerts_failed.get_or_create(&labels).inc_by(a.failed);
+        alerts_dropped.get_or_create(&labels).inc_by(a.dropped);
+    }
+    reg.register(
+        "zdd_backend_effective_weight",
+        "The weight the data path uses now (0 when down, draining or starting; ramping in slow start)",
+        effective,
+    );
+    reg.register(
+        "zdd_backend_passive_attempts",
+        "TCP connection attempts (SYNs) the data path sent to the backend",
+        passive_attempts,
+    );
+    reg.register(
+        "zdd_backend_passive_answered",
+        "Connection attempts the backend answered (SYN-ACK seen, nat)",
+        passive_answered,
+    );
+    reg.register(
+        "zdd_backend_passive_resets",
+        "TCP resets the backend sent (nat)",
+        passive_resets,
+    );
+    reg.register(
+        "zdd_deployment_state",
+        "1 for the state of the service's latest deployment (running, paused, stopped, succeeded, rolled_back, aborted)",
+        dep_state,
+    );
+    reg.register(
+        "zdd_deployment_step",
+        "The latest deployment's step or batch in progress (1-based; the last when finished)",
+        dep_step,
+    );
+    reg.register(
+        "zdd_deployment_steps",
+        "The latest deployment's number of steps or batches",
+        dep_steps,
+    );
+    reg.register(
+        "zdd_deployments",
+        "Finished deployments by outcome (succeeded, rolled_back, aborted)",
+        outcomes,
+    );
+    reg.register("zdd_alerts_sent", "Alerts a receiver accepted", alerts_sent);
+    reg.register(
+        "zdd_alerts_failed",
+        "Alerts given up on after every retry",
+        alerts_failed,
+    );
+    reg.register(
+        "zdd_alerts_dropped",
+        "Alerts dropped because the receiver's queue was full",
+        alerts_dropped,
+    );
     reg.register(
         "zdd_backend_packets",
         "Packets the data path forwarded to the backend",
@@ -300,7 +432,7 @@ mod tests {
                 ..Default::default()
             }],
         };
-        let t = render(&status, &stats);
+        let t = render(&status, &stats, &Extra::default());
         for want in [
             "# TYPE zdd_backend_packets counter",
             "zdd_backend_packets_total{service=\"web\",backend=\"blue-1\",group=\"blue\"} 9",

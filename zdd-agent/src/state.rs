@@ -229,6 +229,71 @@ pub struct ServiceSpec {
     /// Health checking (`kind = none` when the service has no `[services.health]`).
     #[serde(default = "no_health")]
     pub health: HealthSpec,
+    /// Named sets of client sources that canary steps can name (`internal`).
+    #[serde(default)]
+    pub cohorts: Vec<Cohort>,
+    /// Prometheus queries every canary step must pass.
+    #[serde(default)]
+    pub analysis: Vec<AnalysisQuery>,
+    /// How canary steps are judged.
+    #[serde(default)]
+    pub canary: CanarySpec,
+}
+
+/// `[[services.cohorts]]`: clients a rollout step can name, e.g. the company's own network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cohort {
+    pub name: String,
+    pub sources: Vec<Prefix>,
+}
+
+/// `[[services.analysis]]`: a PromQL template (`{{group}}`, `{{baseline}}`, `{{service}}`,
+/// `{{interval}}`) whose value for the canary group must stay within `max` / above `min`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisQuery {
+    pub name: String,
+    pub query: String,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default)]
+    pub min: Option<f64>,
+}
+
+// Thresholds are finite (validated), so equality is total in practice.
+impl Eq for AnalysisQuery {}
+
+/// `[services.canary]`: the evidence a step needs and the margins it must stay within.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CanarySpec {
+    /// Step length when `zdd canary` gives no `--interval`.
+    pub interval_ms: u64,
+    /// New flows the canary group needs in a step for the step to count.
+    pub min_flows: u64,
+    /// Times a step without enough evidence is extended before the canary pauses.
+    pub max_extensions: u32,
+    /// Connection failures (unanswered + resets, % of attempts) the canary may have above
+    /// the baseline's, in percentage points; also for probe failures.
+    pub failure_margin_pct: f64,
+    /// The canary's mean probe latency may be up to this times the baseline's (and always
+    /// up to 5 ms above it).
+    pub latency_ratio: f64,
+    /// Longest run of `--check`.
+    pub check_timeout_ms: u64,
+}
+
+impl Eq for CanarySpec {}
+
+impl Default for CanarySpec {
+    fn default() -> CanarySpec {
+        CanarySpec {
+            interval_ms: 30_000,
+            min_flows: 50,
+            max_extensions: 3,
+            failure_margin_pct: 1.0,
+            latency_ratio: 2.0,
+            check_timeout_ms: 60_000,
+        }
+    }
 }
 
 fn no_health() -> HealthSpec {

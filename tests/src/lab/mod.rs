@@ -135,7 +135,13 @@ impl Lab {
         let mut servers = self.lock_servers();
         // Start all, then wait for each: they come up in parallel.
         for (i, b) in self.backends.iter().enumerate() {
-            servers[i] = Some(servers::start(bin, self.ns_name(b.node), b, &self.log_dir)?);
+            servers[i] = Some(servers::start(
+                bin,
+                self.ns_name(b.node),
+                b,
+                &self.log_dir,
+                &[],
+            )?);
         }
         for (i, b) in self.backends.iter().enumerate() {
             let server = servers[i].as_mut().expect("just started");
@@ -402,6 +408,11 @@ impl Lab {
 
     /// Starts the backend's server again (after [`Lab::kill_server`]) and waits until it serves.
     pub fn start_server(&self, backend: &str) -> Result<()> {
+        self.start_server_with(backend, &[])
+    }
+
+    /// As [`Lab::start_server`], with more arguments for zdd-lab-server (`--version v2`).
+    pub fn start_server_with(&self, backend: &str, extra: &[&str]) -> Result<()> {
         let bin = self
             .spec
             .server_bin
@@ -415,7 +426,13 @@ impl Lab {
         {
             bail!("the server of {backend} is running");
         }
-        servers[i] = Some(servers::start(bin, self.ns_name(b.node), b, &self.log_dir)?);
+        servers[i] = Some(servers::start(
+            bin,
+            self.ns_name(b.node),
+            b,
+            &self.log_dir,
+            extra,
+        )?);
         let log = servers::log_path(&self.log_dir, b);
         servers::wait_ready(self.ns_name(b.node), b, servers[i].as_mut().unwrap(), &log)
     }

@@ -24,7 +24,13 @@ pub(super) fn control_path(log_dir: &Path, b: &Backend) -> std::path::PathBuf {
 }
 
 /// Starts the server in the backend's namespace; its stderr goes to a log file in `log_dir`.
-pub(super) fn start(bin: &Path, ns: &str, b: &Backend, log_dir: &Path) -> Result<ChildGuard> {
+pub(super) fn start(
+    bin: &Path,
+    ns: &str,
+    b: &Backend,
+    log_dir: &Path,
+    extra: &[&str],
+) -> Result<ChildGuard> {
     let log = File::options()
         .create(true)
         .append(true)
@@ -38,6 +44,7 @@ pub(super) fn start(bin: &Path, ns: &str, b: &Backend, log_dir: &Path) -> Result
         .args(["--udp-echo", &format!("[::]:{UDP_PORT}")])
         .arg("--control")
         .arg(control_path(log_dir, b))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);

@@ -87,6 +87,24 @@ pub const TOOLS: &[Tool] = &[
         used_by: "`bench e2e`: the backends' web server",
     },
     Tool {
+        cmd: "prometheus",
+        probe: &["--version"],
+        debian: &["prometheus"],
+        fedora: "golang-github-prometheus",
+        arch: "prometheus",
+        used_by: "the observability tests: the real Prometheus scrapes the agent and backends",
+    },
+    Tool {
+        // Debian's name; upstream builds (Fedora, Arch) call it `alertmanager`, which
+        // tests/src/observability.rs also accepts.
+        cmd: "prometheus-alertmanager",
+        probe: &["--version"],
+        debian: &["prometheus-alertmanager"],
+        fedora: "golang-github-prometheus-alertmanager",
+        arch: "alertmanager",
+        used_by: "the observability tests: the real Alertmanager receives the agent's alerts",
+    },
+    Tool {
         cmd: "bpftool",
         probe: &["version"],
         debian: &["bpftool"],
@@ -101,7 +119,15 @@ pub const LAB: &[&str] = &["ip", "ethtool"];
 /// `cargo xtask demo`.
 pub const DEMO: &[&str] = LAB;
 /// `cargo xtask test` (the lab, and clients that some lab tests run).
-pub const TEST: &[&str] = &["ip", "ethtool", "curl", "python3", "nft"];
+pub const TEST: &[&str] = &[
+    "ip",
+    "ethtool",
+    "curl",
+    "python3",
+    "nft",
+    "prometheus",
+    "prometheus-alertmanager",
+];
 /// `cargo xtask bench datapath` (bpftool only with ZDD_BENCH_DUMP: see [`bench_datapath`]).
 pub const BENCH_DATAPATH: &[&str] = LAB;
 /// `cargo xtask bench e2e`.
@@ -233,6 +259,8 @@ mod tests {
         assert_eq!(deb("nginx"), ["nginx-light", "nginx"]);
         assert_eq!(deb("curl"), ["curl"]);
         assert_eq!(deb("bpftool"), ["bpftool"]);
+        assert_eq!(deb("prometheus"), ["prometheus"]);
+        assert_eq!(deb("prometheus-alertmanager"), ["prometheus-alertmanager"]);
         assert_eq!(tool("ip").fedora, "iproute");
     }
 

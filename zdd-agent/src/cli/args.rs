@@ -19,7 +19,9 @@ SERVICE/NAME, and the commands on an existing backend also take NAME alone when 
 service has a backend of that name.
 
 Exit codes: 0 done; 1 refused by the agent or failed (no agent, no permission, a drain that
-timed out with flows left); 2 usage (a malformed command line, split, address or duration).";
+timed out with flows left, a followed deployment that was rolled back, aborted or stopped);
+2 usage (a malformed command line, split, steps, address or duration); 130 when Ctrl-C stops
+following a deployment (the deployment goes on).";
 
 /// zdd: moves live traffic between versions of a service without dropping a connection.
 /// Talks to zdd-agent over its control socket.
@@ -39,7 +41,8 @@ pub struct Cli {
     /// Print the agent's answer as JSON, for scripts.
     ///
     /// One object a line: the `result` of the agent's answer (one line per update for
-    /// --watch; one event a line for `events`). Errors go to stderr as text; a refusal by
+    /// --watch; one event a line for `events`; the deployment, each time it changes, while
+    /// `canary` or `rolling` follows it). Errors go to stderr as text; a refusal by
     /// the agent also goes to stdout as {"error":{"code":"...","message":"..."}}.
     #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
@@ -122,6 +125,100 @@ pub enum Cmd {
         service: String,
         #[arg(value_name = "CIDR", value_parser = cidr)]
         source: String,
+    },
+    /// Move new flows to GROUP step by step, with an analysis after each step
+    ///
+    /// Each step lasts --interval; then an analysis compares GROUP's new flows, connection
+    /// failures and probe latency with the baseline's, and runs --check. A failed step sends
+    /// new flows back to the baseline (rolled back); an inconclusive one (too few flows) is
+    /// extended, then paused for a person to `zdd resume`, `zdd promote` or `zdd abort`.
+    ///
+    /// zdd follows the deployment until it ends (exit 0 succeeded; 1 rolled back or
+    /// aborted), unless --detach. Ctrl-C stops following, not the deployment.
+    Canary {
+        service: String,
+        /// The group rolled out (the new version).
+        #[arg(long, value_name = "GROUP")]
+        to: String,
+        /// Comma-separated steps: percentages of new flows, increasing, more than 0 and at
+        /// most 100, in steps of 0.01 (`5,25,50,100`); or names of the service's cohorts,
+        /// whose sources are pinned to GROUP (`internal,10,100`).
+        #[arg(long, value_name = "STEPS", value_parser = steps)]
+        steps: Steps,
+        /// How long each step lasts before its analysis (default: the service's
+        /// [services.canary] interval, else 30s).
+        #[arg(long, value_name = "D", value_parser = positive_duration)]
+        interval: Option<String>,
+        /// The group new flows come back to on a rollback (default: the group with the
+        /// largest share now).
+        #[arg(long, value_name = "GROUP")]
+        baseline: Option<String>,
+        /// A shell command run at the end of every step (as you); a non-zero exit fails the
+        /// step.
+        #[arg(long, value_name = "CMD", value_parser = shell_command)]
+        check: Option<String>,
+        /// New flows GROUP must have had in a step for its analysis to count (default: the
+        /// service's [services.canary] min_flows).
+        #[arg(long, value_name = "N")]
+        min_flows: Option<u64>,
+        /// Start the deployment and return at once, without following it.
+        #[arg(long, short)]
+        detach: bool,
+    },
+    /// Update backends batch by batch: drain, run --exec, wait for health, restore
+    ///
+    /// For each batch of backends: no new flows, wait for their flows to end
+    /// (--drain-timeout), run --exec once per backend (--exec-timeout), wait until they pass
+    /// their health checks (--health-timeout), then give them new flows again. A batch that
+    /// fails stops the update: `zdd resume SERVICE` retries it, `zdd abort SERVICE` ends it.
+    ///
+    /// zdd follows the update until it ends (exit 0 succeeded; 1 stopped or aborted),
+    /// unless --detach. Ctrl-C stops following, not the update.
+    Rolling {
+        service: String,
+        /// Backends per batch (`1`), or a share of the service's backends, rounded up
+        /// (`25%`).
+        #[arg(long, value_name = "N|N%", value_parser = batch)]
+        batch: String,
+        /// The update step, run by `sh -c` as you, once per backend, with ZDD_SERVICE,
+        /// ZDD_BACKEND, ZDD_ADDR, ZDD_IP, ZDD_PORT, ZDD_GROUP and ZDD_BATCH set.
+        #[arg(long, value_name = "CMD", value_parser = shell_command)]
+        exec: String,
+        /// Longest wait for a batch's flows to end (the agent's default is 60s).
+        #[arg(long, value_name = "D", value_parser = duration)]
+        drain_timeout: Option<String>,
+        /// Longest run of --exec (the agent's default is 5m).
+        #[arg(long, value_name = "D", value_parser = positive_duration)]
+        exec_timeout: Option<String>,
+        /// Longest wait for the updated backends to pass their health checks (the agent's
+        /// default is 60s).
+        #[arg(long, value_name = "D", value_parser = positive_duration)]
+        health_timeout: Option<String>,
+        /// Start the update and return at once, without following it.
+        #[arg(long, short)]
+        detach: bool,
+    },
+    /// Stop a deployment's clock where it is (a canary keeps its split)
+    Pause { service: String },
+    /// Continue a paused deployment; a stopped rolling update retries its batch
+    Resume { service: String },
+    /// Finish a deployment now, without more steps or pauses
+    ///
+    /// A canary goes to 100% at once; a rolling update runs its remaining batches without
+    /// pausing.
+    Promote { service: String },
+    /// Stop a deployment: a canary rolls back, a rolling update stops
+    ///
+    /// A canary's new flows go back to its baseline (its cohort pins are removed); a rolling
+    /// update stops where it is (the batch in progress stays drained).
+    Abort { service: String },
+    /// Deployments in progress, then past ones, newest first
+    Deployments {
+        /// Only this service's.
+        service: Option<String>,
+        /// How many past deployments (the agent's default is 20).
+        #[arg(long, short = 'n', value_name = "N")]
+        limit: Option<usize>,
     },
     /// Make the live services those of a config file, all or nothing
     ///
@@ -365,6 +462,113 @@ fn duration(s: &str) -> Result<String, String> {
     parse_duration(s).map(|_| s.trim().to_string())
 }
 
+/// A duration longer than zero (a step or a wait of 0 is a mistake).
+fn positive_duration(s: &str) -> Result<String, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("duration {:?} must be longer than 0", s.trim())),
+        _ => Ok(s.trim().to_string()),
+    }
+}
+
+fn shell_command(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("the command is empty (it is run by `sh -c`)".into());
+    }
+    Ok(s.to_string())
+}
+
+/// A canary's steps, as sent: percentages without `%` (`25`, `2.5`) and cohort names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Steps(pub Vec<String>);
+
+/// True for a cohort's name: ASCII letters, digits, `-` and `_`, starting with a letter.
+pub fn is_cohort_name(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// `--steps`: comma-separated percentages (more than 0, at most 100, in steps of 0.01,
+/// increasing, an optional `%`) and cohort names. The agent checks them again (that the
+/// cohorts exist, among others).
+pub fn steps(s: &str) -> Result<Steps, String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut last: Option<f64> = None;
+    for raw in s.split(',') {
+        let t = raw.trim();
+        if t.is_empty() {
+            return Err(
+                "a step is empty: give steps separated by single commas, e.g. 5,25,50,100".into(),
+            );
+        }
+        // A word is a cohort; anything that starts like a number must be a percentage (so
+        // `1e2` or `-5` are mistakes, not cohort names).
+        if t.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            if !is_cohort_name(t) {
+                return Err(format!(
+                    "step {t:?}: a cohort name has only letters, digits, '-' and '_'"
+                ));
+            }
+            if out.iter().any(|o| o == t) {
+                return Err(format!("cohort {t:?} is given twice"));
+            }
+            out.push(t.to_string());
+            continue;
+        }
+        let num = t.strip_suffix('%').unwrap_or(t);
+        let pct = Some(num)
+            .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit() || c == '.'))
+            .and_then(|n| n.parse::<f64>().ok())
+            .ok_or_else(|| {
+                format!(
+                    "step {t:?} is neither a percentage (5, 2.5%) nor a cohort name (letters, \
+                     digits, '-' and '_', starting with a letter)"
+                )
+            })?;
+        if pct <= 0.0 || pct > 100.0 {
+            return Err(format!(
+                "step {t}: a percentage step is more than 0 and at most 100"
+            ));
+        }
+        let b = pct * 100.0;
+        if (b - b.round()).abs() > 1e-6 {
+            return Err(format!("step {t}: the split is set in steps of 0.01%"));
+        }
+        if let Some(prev) = last
+            && pct <= prev
+        {
+            return Err(format!(
+                "the percentages must increase: {} comes after {}",
+                fmt_pct(pct),
+                fmt_pct(prev)
+            ));
+        }
+        last = Some(pct);
+        out.push(fmt_pct(pct));
+    }
+    Ok(Steps(out))
+}
+
+/// `--batch`: `N` backends (at least 1) or `N%` of them (1..=100), as sent.
+pub fn batch(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let (num, pct) = match t.strip_suffix('%') {
+        Some(n) => (n, true),
+        None => (t, false),
+    };
+    let n = Some(num)
+        .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+        .and_then(|n| n.parse::<u32>().ok());
+    match (n, pct) {
+        (Some(n @ 1..=100), true) => Ok(format!("{n}%")),
+        (Some(n @ 1..), false) => Ok(n.to_string()),
+        _ => Err(format!(
+            "{t:?}: a batch is a number of backends, at least 1 (`2`), or a whole percentage \
+             of the service's backends, 1% to 100% (`25%`)"
+        )),
+    }
+}
+
 fn cidr(s: &str) -> Result<String, String> {
     s.parse::<Prefix>().map(|_| s.to_string())
 }
@@ -381,6 +585,8 @@ fn weight(s: &str) -> Result<u32, String> {
 pub enum Plan {
     /// One request to the agent.
     Request(Command),
+    /// A request that starts a deployment, then following it until it ends.
+    Follow(Command),
     /// A backend command that named the backend alone: the agent's status says which service
     /// has it, then the request is made.
     Lookup {
@@ -531,6 +737,76 @@ impl Cli {
             Cmd::Unpin { service, source } => Command::Unpin {
                 service: service.clone(),
                 source: source.clone(),
+            },
+            Cmd::Canary {
+                service,
+                to,
+                steps,
+                interval,
+                baseline,
+                check,
+                min_flows,
+                detach,
+            } => {
+                if baseline.as_ref() == Some(to) {
+                    return Err(format!(
+                        "--baseline {to} is the group rolled out (--to): the baseline is the \
+                         group new flows go back to on a rollback"
+                    ));
+                }
+                let cmd = Command::Canary {
+                    service: service.clone(),
+                    to: to.clone(),
+                    steps: steps.0.clone(),
+                    interval: interval.clone(),
+                    baseline: baseline.clone(),
+                    check: check.clone(),
+                    min_flows: *min_flows,
+                };
+                return Ok(if *detach {
+                    Plan::Request(cmd)
+                } else {
+                    Plan::Follow(cmd)
+                });
+            }
+            Cmd::Rolling {
+                service,
+                batch,
+                exec,
+                drain_timeout,
+                exec_timeout,
+                health_timeout,
+                detach,
+            } => {
+                let cmd = Command::Rolling {
+                    service: service.clone(),
+                    batch: batch.clone(),
+                    exec: exec.clone(),
+                    drain_timeout: drain_timeout.clone(),
+                    exec_timeout: exec_timeout.clone(),
+                    health_timeout: health_timeout.clone(),
+                };
+                return Ok(if *detach {
+                    Plan::Request(cmd)
+                } else {
+                    Plan::Follow(cmd)
+                });
+            }
+            Cmd::Pause { service } => Command::Pause {
+                service: service.clone(),
+            },
+            Cmd::Resume { service } => Command::Resume {
+                service: service.clone(),
+            },
+            Cmd::Promote { service } => Command::Promote {
+                service: service.clone(),
+            },
+            Cmd::Abort { service } => Command::Abort {
+                service: service.clone(),
+            },
+            Cmd::Deployments { service, limit } => Command::Deployments {
+                service: service.clone(),
+                limit: *limit,
             },
             Cmd::Apply { file, dry_run } => Command::Apply {
                 config: read(file)?,
@@ -881,6 +1157,253 @@ mod tests {
             Ok(Plan::Completions(Shell::Zsh))
         );
         usage_error(&["completions", "cmd.exe"]);
+    }
+
+    #[test]
+    fn canary_steps_are_checked_before_sending() {
+        let want = Command::Canary {
+            service: "web".into(),
+            to: "green".into(),
+            steps: ["internal", "5", "25.5", "100"].map(String::from).to_vec(),
+            interval: Some("30s".into()),
+            baseline: Some("blue".into()),
+            check: Some("curl -fsS http://green/health".into()),
+            min_flows: Some(50),
+        };
+        assert_eq!(
+            plan(&[
+                "canary",
+                "web",
+                "--to",
+                "green",
+                "--steps",
+                "internal, 5%,25.50,100",
+                "--interval",
+                "30s",
+                "--baseline",
+                "blue",
+                "--check",
+                "curl -fsS http://green/health",
+                "--min-flows",
+                "50"
+            ]),
+            Ok(Plan::Follow(want.clone()))
+        );
+        // --detach: one request, its answer printed.
+        match plan(&["canary", "web", "--to", "g", "--steps", "10,100", "-d"]) {
+            Ok(Plan::Request(Command::Canary {
+                steps,
+                interval,
+                baseline,
+                check,
+                min_flows,
+                ..
+            })) => {
+                assert_eq!(steps, ["10", "100"]);
+                assert_eq!(
+                    (interval, baseline, check, min_flows),
+                    (None, None, None, None)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        for (steps, want) in [
+            (
+                "5,25,10",
+                "the percentages must increase: 10 comes after 25",
+            ),
+            ("5,5", "the percentages must increase: 5 comes after 5"),
+            (
+                "0,100",
+                "step 0: a percentage step is more than 0 and at most 100",
+            ),
+            (
+                "50,101",
+                "step 101: a percentage step is more than 0 and at most 100",
+            ),
+            ("12.345", "step 12.345: the split is set in steps of 0.01%"),
+            ("5,,100", "a step is empty"),
+            ("", "a step is empty"),
+            ("-5,100", "step \"-5\" is neither a percentage"),
+            ("1e2", "step \"1e2\" is neither a percentage"),
+            ("10%%", "is neither a percentage"),
+            (
+                "int.ernal,100",
+                "step \"int.ernal\": a cohort name has only letters",
+            ),
+            ("beta,beta,100", "cohort \"beta\" is given twice"),
+        ] {
+            // `=`: a value may start with '-'.
+            let e = usage_error(&["canary", "web", "--to", "g", &format!("--steps={steps}")]);
+            assert!(e.contains(want), "{steps:?}: want {want:?} in {e}");
+            assert!(e.contains("--steps"), "{e}");
+        }
+        // Cohorts do not take part in the order of the percentages.
+        assert_eq!(
+            steps("5,qa_team-2,25").unwrap(),
+            Steps(["5", "qa_team-2", "25"].map(String::from).to_vec())
+        );
+        assert!(is_cohort_name("a1-_"));
+        assert!(!is_cohort_name("1a") && !is_cohort_name("") && !is_cohort_name("é"));
+
+        let e = usage_error(&[
+            "canary",
+            "web",
+            "--to",
+            "g",
+            "--steps",
+            "50",
+            "--baseline",
+            "g",
+        ]);
+        assert!(e.contains("--baseline g is the group rolled out"), "{e}");
+        let e = usage_error(&[
+            "canary",
+            "web",
+            "--to",
+            "g",
+            "--steps",
+            "50",
+            "--interval",
+            "0s",
+        ]);
+        assert!(e.contains("must be longer than 0"), "{e}");
+        let e = usage_error(&[
+            "canary", "web", "--to", "g", "--steps", "50", "--check", " ",
+        ]);
+        assert!(e.contains("the command is empty"), "{e}");
+        usage_error(&["canary", "web", "--steps", "50"]); // no --to
+        usage_error(&["canary", "web", "--to", "g"]); // no --steps
+        usage_error(&[
+            "canary",
+            "web",
+            "--to",
+            "g",
+            "--steps",
+            "50",
+            "--min-flows",
+            "-1",
+        ]);
+    }
+
+    #[test]
+    fn rolling_batches_and_timeouts() {
+        assert_eq!(
+            plan(&[
+                "rolling",
+                "web",
+                "--batch",
+                "25%",
+                "--exec",
+                "systemctl restart app@$ZDD_BACKEND",
+                "--drain-timeout",
+                "0s",
+                "--exec-timeout",
+                "5m",
+                "--health-timeout",
+                "90s"
+            ]),
+            Ok(Plan::Follow(Command::Rolling {
+                service: "web".into(),
+                batch: "25%".into(),
+                exec: "systemctl restart app@$ZDD_BACKEND".into(),
+                drain_timeout: Some("0s".into()),
+                exec_timeout: Some("5m".into()),
+                health_timeout: Some("90s".into()),
+            }))
+        );
+        assert!(matches!(
+            plan(&[
+                "rolling", "web", "--batch", "2", "--exec", "true", "--detach"
+            ]),
+            Ok(Plan::Request(Command::Rolling { .. }))
+        ));
+        assert_eq!(batch("1"), Ok("1".into()));
+        assert_eq!(batch("100%"), Ok("100%".into()));
+        for bad in ["0", "0%", "101%", "2.5", "x", "", "-1", "25 %"] {
+            let e = usage_error(&[
+                "rolling",
+                "web",
+                &format!("--batch={bad}"),
+                "--exec",
+                "true",
+            ]);
+            assert!(
+                e.contains("a batch is a number of backends"),
+                "{bad:?}: {e}"
+            );
+        }
+        let e = usage_error(&["rolling", "web", "--batch", "1", "--exec", ""]);
+        assert!(e.contains("the command is empty"), "{e}");
+        let e = usage_error(&[
+            "rolling",
+            "web",
+            "--batch",
+            "1",
+            "--exec",
+            "true",
+            "--health-timeout",
+            "5",
+        ]);
+        assert!(e.contains("needs a unit"), "{e}");
+        usage_error(&["rolling", "web", "--batch", "1"]); // no --exec
+    }
+
+    #[test]
+    fn deployment_controls_and_list() {
+        let s = || "web".to_string();
+        assert_eq!(request(&["pause", "web"]), Command::Pause { service: s() });
+        assert_eq!(
+            request(&["resume", "web"]),
+            Command::Resume { service: s() }
+        );
+        assert_eq!(
+            request(&["promote", "web"]),
+            Command::Promote { service: s() }
+        );
+        assert_eq!(request(&["abort", "web"]), Command::Abort { service: s() });
+        usage_error(&["pause"]);
+        assert_eq!(
+            request(&["deployments"]),
+            Command::Deployments {
+                service: None,
+                limit: None
+            }
+        );
+        assert_eq!(
+            request(&["deployments", "web", "-n", "5"]),
+            Command::Deployments {
+                service: Some(s()),
+                limit: Some(5)
+            }
+        );
+        usage_error(&["deployments", "--limit", "x"]);
+    }
+
+    #[test]
+    fn completions_know_the_deployment_commands() {
+        let mut buf = Vec::new();
+        clap_complete::generate(Shell::Bash, &mut Cli::command(), "zdd", &mut buf);
+        let script = String::from_utf8(buf).unwrap();
+        for word in [
+            "canary",
+            "rolling",
+            "pause",
+            "resume",
+            "promote",
+            "abort",
+            "deployments",
+            "--steps",
+            "--min-flows",
+            "--batch",
+            "--exec-timeout",
+            "--detach",
+        ] {
+            assert!(
+                script.contains(word),
+                "{word} is not in the bash completions"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 pub mod args;
 pub mod client;
+pub mod deploy;
+mod follow;
 pub mod pinned;
 pub mod render;
 
@@ -119,6 +121,7 @@ fn run(cli: &Cli, plan: Plan, out: &mut Out) -> Result<ExitCode, Failure> {
             }
         },
         Plan::Request(cmd) => request(cli, cmd, out),
+        Plan::Follow(cmd) => follow::follow(&cli.socket, cmd, out),
     }
 }
 

@@ -7,10 +7,10 @@ use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use super::args::fmt_pct;
+use super::{args::fmt_pct, deploy};
 use crate::api::{
-    ApplyResult, ChangeResult, Command, CounterRow, DrainResult, Event, Split, StatsResult,
-    StatusResult,
+    ApplyResult, ChangeResult, Command, CounterRow, DeploymentStatus, DeploymentsResult,
+    DrainResult, Event, Split, StatsResult, StatusResult,
 };
 
 /// Which result a command gets, for its human rendering.
@@ -22,6 +22,11 @@ pub enum Shape {
     Apply,
     /// A change: `ChangeResult`, or `DrainResult` for the commands that wait on a drain.
     Change,
+    /// One deployment (`DeploymentStatus`): the answer to starting, pausing, resuming,
+    /// promoting and aborting one.
+    Deployment,
+    /// `DeploymentsResult`.
+    Deployments,
 }
 
 impl Shape {
@@ -31,6 +36,13 @@ impl Shape {
             Command::Stats => Shape::Stats,
             Command::Events { .. } => Shape::Events,
             Command::Apply { .. } => Shape::Apply,
+            Command::Canary { .. }
+            | Command::Rolling { .. }
+            | Command::Pause { .. }
+            | Command::Resume { .. }
+            | Command::Promote { .. }
+            | Command::Abort { .. } => Shape::Deployment,
+            Command::Deployments { .. } => Shape::Deployments,
             _ => Shape::Change,
         }
     }
@@ -55,6 +67,8 @@ pub fn human(shape: Shape, v: &Value) -> String {
         },
         Shape::Change if v.get("remaining_flows").is_some() => typed(v, drain),
         Shape::Change => typed(v, change),
+        Shape::Deployment => typed(v, |d: &DeploymentStatus| deploy::line(d)),
+        Shape::Deployments => typed(v, |r: &DeploymentsResult| deploy::table_of(r)),
     }
 }
 
@@ -73,7 +87,7 @@ pub fn events_of(v: &Value) -> Option<Vec<Event>> {
 
 /// A borderless table (columns two spaces apart, numbers right-aligned), trailing spaces
 /// trimmed.
-fn table(header: &[&str], rows: Vec<Vec<String>>, right: &[usize]) -> String {
+pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>, right: &[usize]) -> String {
     let mut t = Table::new();
     t.load_style(presets::NOTHING)
         .set_content_arrangement(ContentArrangement::Disabled);
@@ -122,6 +136,11 @@ pub fn bytes_rate(b: f64) -> String {
 
 /// `status`: per service its settings, then its backends.
 pub fn status(r: &StatusResult) -> String {
+    status_at(r, deploy::now_ms())
+}
+
+/// `status` at `now` (Unix ms), for a deployment's time to its next step.
+pub fn status_at(r: &StatusResult, now: u64) -> String {
     let mut out: Vec<String> = Vec::new();
     if r.services.is_empty() {
         out.push("no services".into());
@@ -154,6 +173,9 @@ pub fn status(r: &StatusResult) -> String {
                 },
             ],
         ];
+        if let Some(d) = &s.deployment {
+            rows.push(vec!["deployment".into(), deploy::status_row(d, now)]);
+        }
         if let Some(d) = &s.differs_from_file {
             rows.push(vec!["config file".into(), format!("differs: {d}")]);
         }
@@ -412,6 +434,7 @@ mod tests {
             ],
             differs_from_file: Some("split blue=100 -> blue=95 green=5".into()),
             panic_groups: vec![],
+            deployment: None,
         }
     }
 
@@ -638,6 +661,63 @@ mod tests {
             apply(&ApplyResult::default()),
             "no changes: the live state is the file's"
         );
+    }
+
+    #[test]
+    fn a_deployment_shows_under_its_service() {
+        let d = DeploymentStatus {
+            id: 3,
+            service: "web".into(),
+            kind: "canary".into(),
+            state: "running".into(),
+            steps: ["5", "25", "50", "100"].map(String::from).to_vec(),
+            step: 1,
+            phase: "observing".into(),
+            step_ends_ms: Some(60_000),
+            analysis: vec![crate::api::CheckResult {
+                name: "failures".into(),
+                verdict: "pass".into(),
+                value: Some(0.1),
+                detail: "0.1% ≤ baseline 0.2% + 1".into(),
+            }],
+            ..Default::default()
+        };
+        let mut w = web();
+        w.deployment = Some(d.clone());
+        let s = status_at(
+            &StatusResult {
+                services: vec![w],
+                ..Default::default()
+            },
+            48_000,
+        );
+        assert!(
+            s.contains(
+                "\ndeployment      canary #3 running at step 2/4 (25%), next step in 12s; last \
+                 analysis passed (failures pass)\n"
+            ),
+            "{s}"
+        );
+        let pause = Command::Pause {
+            service: "web".into(),
+        };
+        assert_eq!(Shape::of(&pause), Shape::Deployment);
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(
+            human(Shape::Deployment, &v),
+            "web: canary #3 running at step 2/4 (25%)"
+        );
+        let list = Command::Deployments {
+            service: None,
+            limit: None,
+        };
+        assert_eq!(Shape::of(&list), Shape::Deployments);
+        let v = serde_json::to_value(DeploymentsResult {
+            active: vec![d],
+            past: vec![],
+        })
+        .unwrap();
+        assert!(human(Shape::Deployments, &v).starts_with("ID  SERVICE"));
     }
 
     #[test]

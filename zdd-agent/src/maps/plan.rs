@@ -793,6 +793,9 @@ mod tests {
                     crate::state::HealthKind::None,
                     Protocol::Tcp,
                 ),
+                cohorts: vec![],
+                analysis: vec![],
+                canary: Default::default(),
             }],
         }
     }

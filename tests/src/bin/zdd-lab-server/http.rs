@@ -3,6 +3,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
 
@@ -55,7 +56,7 @@ fn serve(mut s: TcpStream, ident: &Ident) -> io::Result<()> {
             buf.extend_from_slice(&chunk[..n]);
         };
         // Unparseable: not a client of ours; drop the connection.
-        let Some(req) = parse(&buf[..head_end]) else {
+        let Some(mut req) = parse(&buf[..head_end]) else {
             return Ok(());
         };
         // Discard the body; whatever follows it is the next (pipelined) request.
@@ -70,22 +71,36 @@ fn serve(mut s: TcpStream, ident: &Ident) -> io::Result<()> {
             left -= n;
         }
         let c = Control::read(ident);
+        // A graceful shutdown's first half: this answer says `Connection: close`, so a
+        // keep-alive client opens a new connection (through the VIP: to another backend).
+        if c.close {
+            req.keep_alive = false;
+        }
+        // Probes and scrapes are not traffic: they are neither counted nor made to fail.
         if req.path == "/healthz" {
             if c.healthz_delay_ms > 0 {
                 thread::sleep(Duration::from_millis(c.healthz_delay_ms));
             }
-        } else if c.reset {
+        } else if req.path != "/metrics" && c.reset {
+            ident.requests.fetch_add(1, Ordering::Relaxed);
             // An abortive close: the client gets a TCP reset instead of an answer.
             let sock = socket2::SockRef::from(&s);
             let _ = sock.set_linger(Some(Duration::ZERO));
             return Ok(());
         }
-        let status = if req.path == "/healthz" {
-            c.healthz
+        let out = if req.path == "/metrics" {
+            response(&req, ident, 200, METRICS_TYPE, &metrics(ident))
+        } else if req.path == "/healthz" {
+            response(&req, ident, c.healthz, "text/plain", &ident.body)
         } else {
-            200
+            let status = c.status.unwrap_or(200);
+            ident.requests.fetch_add(1, Ordering::Relaxed);
+            if status >= 500 {
+                ident.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            response(&req, ident, status, "text/plain", &ident.body)
         };
-        s.write_all(&response(ident, &req, status))?;
+        s.write_all(&out)?;
         if !req.keep_alive {
             let _ = s.shutdown(Shutdown::Write);
             return Ok(());
@@ -131,6 +146,10 @@ struct Control {
     healthz: u16,
     healthz_delay_ms: u64,
     reset: bool,
+    /// `status=CODE`: every request but `/healthz` and `/metrics` is answered with CODE.
+    status: Option<u16>,
+    /// `close=1`: every answer closes its connection (`Connection: close`).
+    close: bool,
 }
 
 impl Control {
@@ -139,6 +158,8 @@ impl Control {
             healthz: 200,
             healthz_delay_ms: 0,
             reset: false,
+            status: None,
+            close: false,
         };
         let Some(text) = ident
             .control
@@ -152,6 +173,8 @@ impl Control {
                 Some(("healthz", v)) => c.healthz = v.trim().parse().unwrap_or(200),
                 Some(("healthz_delay_ms", v)) => c.healthz_delay_ms = v.trim().parse().unwrap_or(0),
                 Some(("reset", v)) => c.reset = v.trim() == "1",
+                Some(("close", v)) => c.close = v.trim() == "1",
+                Some(("status", v)) => c.status = v.trim().parse().ok().filter(|s| valid(*s)),
                 _ => {}
             }
         }
@@ -159,23 +182,78 @@ impl Control {
     }
 }
 
-fn response(ident: &Ident, req: &Request, status: u16) -> Vec<u8> {
+/// A code an HTTP/1.1 status line can carry (three digits).
+fn valid(status: u16) -> bool {
+    (100..=999).contains(&status)
+}
+
+/// The Prometheus text format (what Prometheus 2.x scrapes by default).
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The counters in the Prometheus text format.
+fn metrics(ident: &Ident) -> Vec<u8> {
+    let labels = format!(
+        "backend=\"{}\",group=\"{}\",version=\"{}\"",
+        escape(&ident.name),
+        escape(&ident.group),
+        escape(&ident.version)
+    );
+    let mut out = String::new();
+    for (name, help, v) in [
+        (
+            "zdd_lab_requests_total",
+            "HTTP requests answered (or reset), /metrics and /healthz excepted",
+            &ident.requests,
+        ),
+        (
+            "zdd_lab_errors_total",
+            "Of those, the ones answered with a status of 500 or more",
+            &ident.errors,
+        ),
+    ] {
+        out += &format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{labels}}} {}\n",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    out.into_bytes()
+}
+
+/// A label value as the text format wants it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn response(req: &Request, ident: &Ident, status: u16, ctype: &str, body: &[u8]) -> Vec<u8> {
     let conn = if req.keep_alive {
         "keep-alive"
     } else {
         "close"
     };
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nX-Backend: {}\r\nX-Group: {}\r\nContent-Type: text/plain\r\n\
-         Content-Length: {}\r\nConnection: {conn}\r\n\r\n",
-        if status == 200 { "OK" } else { "Status" },
+        "HTTP/1.1 {status} {}\r\nX-Backend: {}\r\nX-Group: {}\r\nX-Version: {}\r\n\
+         Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n",
+        reason(status),
         ident.name,
         ident.group,
-        ident.body.len()
+        ident.version,
+        body.len()
     )
     .into_bytes();
     if !req.head_only {
-        out.extend_from_slice(&ident.body);
+        out.extend_from_slice(body);
     }
     out
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
 }

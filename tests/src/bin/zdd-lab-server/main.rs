@@ -1,8 +1,10 @@
 //! zdd-lab-server: the lab's backend. Answers every HTTP request with 200 and its own name and
-//! group, and echoes its name and group to every UDP datagram.
+//! group (headers `X-Backend`, `X-Group`, `X-Version`), and echoes its name and group to every
+//! UDP datagram. `GET /metrics` counts its requests in the Prometheus text format
+//! (`zdd_lab_requests_total`, `zdd_lab_errors_total`), so Prometheus can compare groups.
 //!
-//! `zdd-lab-server --name blue-1 --group blue --listen 0.0.0.0:8080 [--listen [::]:8080]
-//!  [--udp-echo 0.0.0.0:9000] ...`
+//! `zdd-lab-server --name blue-1 --group blue [--version v2] --listen 0.0.0.0:8080
+//!  [--listen [::]:8080] [--udp-echo 0.0.0.0:9000] ...`
 
 mod http;
 mod udp;
@@ -10,22 +12,30 @@ mod udp;
 use std::net::SocketAddr;
 use std::process::exit;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::thread;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-const USAGE: &str = "usage: zdd-lab-server --name NAME --group GROUP \
+const USAGE: &str = "usage: zdd-lab-server --name NAME --group GROUP [--version V] \
     [--listen ADDR:PORT]... [--udp-echo ADDR:PORT]... [--control FILE]";
 
 /// Who this server is: what it says in every answer.
 pub struct Ident {
     pub name: String,
     pub group: String,
+    /// `--version V` (default `v1`): the release this server stands for.
+    pub version: String,
     /// `<name> <group>\n`
     pub body: Vec<u8>,
     /// `--control FILE`: read at every request; lines `healthz=CODE`,
-    /// `healthz_delay_ms=N`, `reset=1` make the server misbehave on purpose (tests).
+    /// `healthz_delay_ms=N`, `reset=1`, `status=CODE` make the server misbehave on purpose
+    /// (tests).
     pub control: Option<std::path::PathBuf>,
+    /// Requests answered or reset since start, `/metrics` and `/healthz` excepted.
+    pub requests: AtomicU64,
+    /// Of those, the ones answered with a status of 500 or more.
+    pub errors: AtomicU64,
 }
 
 struct Args {
@@ -37,6 +47,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let (mut name, mut group, mut listen, mut udp) = (None, None, Vec::new(), Vec::new());
     let mut control = None;
+    let mut version = "v1".to_string();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -44,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--name" => name = Some(value()?),
             "--group" => group = Some(value()?),
+            "--version" => version = value()?,
             "--listen" => listen.push(addr(value()?)?),
             "--udp-echo" => udp.push(addr(value()?)?),
             "--control" => control = Some(value()?.into()),
@@ -56,13 +68,20 @@ fn parse_args() -> Result<Args, String> {
     if listen.is_empty() && udp.is_empty() {
         return Err("nothing to serve: give --listen or --udp-echo".into());
     }
+    // It goes into a header line and a label value as it is.
+    if version.is_empty() || version.chars().any(|c| c.is_control()) {
+        return Err(format!("--version {version:?}: give a non-empty word"));
+    }
     let body = format!("{name} {group}\n").into_bytes();
     Ok(Args {
         ident: Ident {
             name,
             group,
+            version,
             body,
             control,
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
         },
         listen,
         udp,
