@@ -465,6 +465,13 @@ fn status_split_switch_and_rollback_from_the_cli() {
     assert_eq!(groups(&lab, 10), only("blue", 10));
     let out = done(&agent, &["switch", "web", "--to", "green", "--force"]);
     assert!(out.contains("-> blue=0 green=100"), "{out}");
+    // Green took every new flow earlier with a capacity of 200: now it has none up.
+    assert!(
+        out.contains(
+            "WARNING: web: group green now takes 100% of new flows with a healthy capacity of 0"
+        ),
+        "{out}"
+    );
     done(&agent, &["rollback", "web"]);
     assert_eq!(groups(&lab, 10), only("blue", 10));
 
@@ -490,13 +497,16 @@ fn status_split_switch_and_rollback_from_the_cli() {
             "backend_set",
             "backend_set",
             "switch",
+            "capacity_warning",
             "rollback"
         ],
         "{out}"
     );
+    // Changes by the socket's peer; the warning is the agent's own observation.
     assert!(
         events[1..]
             .iter()
+            .filter(|e| e["kind"] != "capacity_warning")
             .all(|e| e["who"]["uid"] == 0 && e["who"]["via"] == "socket"),
         "{out}"
     );
@@ -506,8 +516,13 @@ fn status_split_switch_and_rollback_from_the_cli() {
     assert!(lines[0].contains(" agent     start "), "{out}");
     for (l, e) in lines.iter().zip(&events).skip(1) {
         let kind = e["kind"].as_str().unwrap();
+        let who = if kind == "capacity_warning" {
+            "agent"
+        } else {
+            "uid 0"
+        };
         assert!(
-            l.contains(&format!("  uid 0     {kind} "))
+            l.contains(&format!("  {who:<9} {kind} "))
                 && l.ends_with(e["message"].as_str().unwrap()),
             "{l}"
         );

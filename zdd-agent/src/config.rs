@@ -1371,6 +1371,94 @@ group = "green"
         assert!(m.contains("90%"), "{m}");
     }
 
+    /// GOOD with cohorts, a query, canary settings and a Prometheus.
+    fn with_deploy() -> String {
+        GOOD.replace(
+            "interfaces = [\"eth0\"]",
+            "interfaces = [\"eth0\"]\nprometheus = \"http://127.0.0.1:9090\"",
+        ) + r#"
+[[services.cohorts]]
+name = "internal"
+sources = ["10.30.0.0/16", "10.31.1.0/24"]
+
+[[services.analysis]]
+name = "error-ratio"
+query = 'sum(rate(errors{group="{{group}}"}[{{ interval }}]))'
+max = 0.01
+
+[services.canary]
+interval = "10s"
+min_flows = 5
+failure_margin = 2.5
+"#
+    }
+
+    #[test]
+    fn deployment_sections_parse_and_round_trip() {
+        let c = parse(Path::new("t.toml"), &with_deploy()).unwrap();
+        let s = &c.state.services[0];
+        assert_eq!(c.agent.prometheus.as_deref(), Some("http://127.0.0.1:9090"));
+        assert_eq!(s.cohorts[0].name, "internal");
+        assert_eq!(s.cohorts[0].sources[1].to_string(), "10.31.1.0/24");
+        assert_eq!(s.analysis[0].max, Some(0.01));
+        assert_eq!(
+            (
+                s.canary.interval_ms,
+                s.canary.min_flows,
+                s.canary.max_extensions
+            ),
+            (10_000, 5, 3)
+        );
+        assert_eq!(s.canary.failure_margin_pct, 2.5);
+        // Written back as sections (run-time validation), the same spec.
+        validate_state(&c.state, false).unwrap();
+        let sections: Vec<ServiceSection> = c.state.services.iter().map(section_of).collect();
+        assert_eq!(validate_services(&sections).unwrap(), c.state);
+    }
+
+    #[test]
+    fn deployment_sections_are_checked() {
+        let base = with_deploy();
+        for (from, to, want) in [
+            ("name = \"internal\"", "name = \"10pct\"", "cohorts[0].name"),
+            ("name = \"internal\"", "name = \"green\"", "also a group"),
+            ("\"10.31.1.0/24\"]", "\"10.31.1.1/24\"]", "host bits"),
+            ("\"10.31.1.0/24\"]", "\"fd00::/64\"]", "address family"),
+            (
+                "sources = [\"10.30.0.0/16\", \"10.31.1.0/24\"]",
+                "sources = []",
+                "at least one",
+            ),
+            ("max = 0.01", "", "give a threshold"),
+            ("max = 0.01", "max = 0.01\nmin = 0.5", "not both"),
+            ("{{ interval }}", "{{ window }}", "analysis[0].query"),
+            (
+                "min_flows = 5",
+                "min_flows = 5\nlatency_ratio = 0.5",
+                "latency_ratio",
+            ),
+            (
+                "interval = \"10s\"",
+                "interval = \"100ms\"",
+                "canary.interval",
+            ),
+            (
+                "failure_margin = 2.5",
+                "failure_margin = 200",
+                "failure_margin",
+            ),
+        ] {
+            assert!(base.contains(from), "{from}");
+            let e = err(&base.replacen(from, to, 1));
+            assert!(e.contains(want), "{from} -> {to}: {e}");
+        }
+        // Queries need a Prometheus to ask.
+        let e = err(&base.replace("prometheus = \"http://127.0.0.1:9090\"", ""));
+        assert!(e.contains("agent.prometheus"), "{e}");
+        let e = err(&base.replace("http://127.0.0.1:9090", "127.0.0.1:9090"));
+        assert!(e.contains("agent.prometheus"), "{e}");
+    }
+
     #[test]
     fn health_sections_are_validated_with_defaults_per_protocol() {
         let c = parse(Path::new("t.toml"), GOOD).unwrap();

@@ -2,7 +2,8 @@
 //! green in steps driven by the `zdd` command-line client, ending with a blue-green switch
 //! and a rollback. Prints each command, then, each second, how many answers came from each
 //! group and how many requests failed; one keep-alive connection shows that established
-//! flows stay put.
+//! flows stay put. Then a canary with automated analysis, followed live by `zdd canary`,
+//! which the agent rolls back on its own when green starts resetting its clients.
 
 use std::{
     net::{SocketAddr, TcpStream},
@@ -38,8 +39,13 @@ struct Counts {
     failed: AtomicU64,
 }
 
+/// "web" with HTTP health checks every 500 ms.
 fn services(lab: &Lab, blue: u32, green: u32) -> String {
-    zdd_tests::agent::web_service(lab, &format!("blue = {blue}, green = {green}"))
+    zdd_tests::agent::web_service(lab, &format!("blue = {blue}, green = {green}")).replacen(
+        "\n\n[[services.backends]]",
+        "\n[services.health]\nkind = \"http\"\npath = \"/healthz\"\ninterval = \"500ms\"\n\n[[services.backends]]",
+        1,
+    )
 }
 
 fn main() -> ExitCode {
@@ -130,15 +136,7 @@ fn run() -> Result<()> {
             );
         }
     }
-    stop.store(true, Relaxed);
-    for w in workers {
-        let _ = w.join();
-    }
-    let status = agent.zdd(&["status", "web"])?;
-    let events = agent.zdd(&["events", "--limit", "8"])?;
-    agent.stop()?;
-    println!();
-    println!(
+    let part1 = format!(
         "{} steps through `zdd` (canary 10/25/50%, switch to green, two rollbacks): {} failed request(s); the keep-alive connection {} on {first}",
         STEPS.len() - 1,
         total_failed,
@@ -148,9 +146,110 @@ fn run() -> Result<()> {
             "stayed"
         }
     );
+    println!("\n{part1}");
+    let status = agent.zdd(&["status", "web"])?;
     println!("\n$ zdd status web\n{status}");
+
+    // Part 2: a canary that the agent judges by itself.
+    println!("Part 2: a canary with automated analysis. Green will start resetting every");
+    println!("client connection when the canary reaches its second step (its /healthz still");
+    println!("passes): the data path's own signals fail the step and the agent rolls back.\n");
+    let reset = ["split", "web", "blue=100", "green=0"];
+    println!(
+        "  $ zdd {}\n    {}",
+        reset.join(" "),
+        agent.zdd(&reset)?.trim()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    counts.failed.swap(0, Relaxed);
+    let breaker = {
+        let socket = agent.socket_path();
+        let done = stop.clone();
+        let lab = &lab;
+        move || -> Result<Option<Instant>> {
+            // Waits for step 2, then breaks green.
+            while !done.load(Relaxed) {
+                let mut c = zdd_tests::control::Client::connect(&socket)?;
+                let a = c.ask(r#"{"cmd":"deployments","service":"web"}"#)?;
+                let at_step_2 = a["result"]["active"]
+                    .as_array()
+                    .and_then(|v| v.first())
+                    .is_some_and(|d| d["step"] == 1);
+                if at_step_2 {
+                    for g in ["green-1", "green-2"] {
+                        lab.set_server_control(g, "reset=1\n")?;
+                    }
+                    return Ok(Some(Instant::now()));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(None)
+        }
+    };
+    let canary = [
+        "canary",
+        "web",
+        "--to",
+        "green",
+        "--steps",
+        "10,25,50,100",
+        "--interval",
+        "3s",
+        "--min-flows",
+        "20",
+    ];
+    println!("  $ zdd {}", canary.join(" "));
+    let (code, broke) = std::thread::scope(|sc| -> Result<_> {
+        let watcher = sc.spawn(breaker);
+        // The CLI draws its live progress on this terminal.
+        let code = agent
+            .zdd_command()
+            .args(canary)
+            .stdout(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::inherit())
+            .status()
+            .context("running zdd canary")?;
+        stop.store(true, Relaxed);
+        let broke = watcher
+            .join()
+            .map_err(|_| anyhow::anyhow!("the watcher panicked"))??;
+        Ok((code, broke))
+    })?;
+    let canary_failed = counts.failed.swap(0, Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    for g in ["green-1", "green-2"] {
+        lab.set_server_control(g, "")?;
+    }
+    println!(
+        "\n  zdd canary exited with {} ({}); requests failed during the canary: {canary_failed}{}",
+        code.code().unwrap_or(-1),
+        if code.code() == Some(1) {
+            "1: rolled back"
+        } else {
+            "expected 1"
+        },
+        match broke {
+            Some(t) => format!(
+                " (green reset its clients from {:.1}s before the rollback until it, at 25%)",
+                t.elapsed().as_secs_f64()
+            ),
+            None => String::new(),
+        }
+    );
+    let deployments = agent.zdd(&["deployments", "web"])?;
+    let events = agent.zdd(&["events", "--limit", "8"])?;
+    let status = agent.zdd(&["status", "web"])?;
+    agent.stop()?;
+    println!("\n$ zdd deployments web\n{deployments}");
     println!("$ zdd events --limit 8\n{events}");
+    println!("$ zdd status web\n{status}");
+    println!("{part1}");
     println!("the agent stopped; its data path kept forwarding until the lab was removed");
     println!("tearing down the lab");
+    if code.code() != Some(1) {
+        anyhow::bail!("the canary was expected to be rolled back (exit 1)");
+    }
     Ok(())
 }

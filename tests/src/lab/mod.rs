@@ -439,8 +439,9 @@ impl Lab {
 
     /// Tells the backend's server how to misbehave, at its next request (the lines of
     /// zdd-lab-server's `--control` file): `healthz=500` (`/healthz` answers 500),
-    /// `healthz_delay_ms=300`, `reset=1` (every other request is answered with a TCP reset).
-    /// An empty text: behave.
+    /// `healthz_delay_ms=300`, `reset=1` (every other request is answered with a TCP reset),
+    /// `status=500` (every other request is answered 500), `close=1` (every answer closes its
+    /// connection: a graceful shutdown's first half). An empty text: behave.
     pub fn set_server_control(&self, backend: &str, text: &str) -> Result<()> {
         let b = self.backend(backend);
         let path = servers::control_path(&self.log_dir, b);

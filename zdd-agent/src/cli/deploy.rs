@@ -128,14 +128,46 @@ fn body(d: &DeploymentStatus) -> String {
 /// `abort`: `web: canary #3 paused at step 2/4 (25%): paused by uid 1000`.
 pub fn line(d: &DeploymentStatus) -> String {
     let mut s = format!("{}: {}", d.service, body(d));
-    if !d.message.is_empty() {
-        s.push_str(&format!(": {}", first_line(&d.message)));
+    let m = own_message(d);
+    if !m.is_empty() {
+        s.push_str(&format!(": {m}"));
     }
     s
 }
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("").trim_end()
+}
+
+/// The message's first line without what the text around it says already: the agent starts
+/// its messages with the deployment and its step (`canary #3 step 2/4 (25%) paused by uid
+/// 0`). A step other than the one shown (the step that passed last) is kept.
+pub fn own_message(d: &DeploymentStatus) -> &str {
+    let m = first_line(&d.message);
+    let Some(rest) = m.strip_prefix(&format!("{} #{}", d.kind, d.id)) else {
+        return m;
+    };
+    let mut rest = rest.trim_start_matches([' ', ':']);
+    if let Some(i) = shown_step(d) {
+        let word = if is_rolling(d) { "batch" } else { "step" };
+        let head = format!("{word} {}/{} (", i + 1, d.steps.len());
+        if let Some((_, after)) = rest.strip_prefix(&head).and_then(|r| r.split_once(')')) {
+            rest = after.trim_start_matches([' ', ':']);
+        }
+    }
+    // `paused: not enough evidence` after `paused at step 2/4`.
+    if let Some(after) = rest
+        .strip_prefix(state_text(d).as_str())
+        .filter(|r| r.starts_with(':'))
+    {
+        rest = after;
+    }
+    rest.trim_start_matches([' ', ':'])
+}
+
+/// True when the agent's message says already what a person can do.
+fn has_hints(d: &DeploymentStatus) -> bool {
+    d.message.contains("zdd resume")
 }
 
 /// The first line of `s`, cut to `width` characters with `…`.
@@ -174,7 +206,7 @@ pub fn table_of(r: &DeploymentsResult) -> String {
                 step_cell(d),
                 started_text(d.started_ms),
                 duration_text(d.duration_ms),
-                truncate(&d.message, MESSAGE_WIDTH),
+                truncate(own_message(d), MESSAGE_WIDTH),
             ]
         })
         .collect();
@@ -245,8 +277,8 @@ pub fn status_row(d: &DeploymentStatus, now: u64) -> String {
     if d.extensions > 0 {
         s.push_str(&format!(", extended {}x", d.extensions));
     }
-    if d.state != "running" && !d.message.is_empty() {
-        s.push_str(&format!(": {}", first_line(&d.message)));
+    if d.state != "running" && !own_message(d).is_empty() {
+        s.push_str(&format!(": {}", own_message(d)));
     }
     if !d.analysis.is_empty() {
         s.push_str(&format!("; last analysis {}", verdicts(&d.analysis)));
@@ -342,16 +374,16 @@ pub fn changes(prev: Option<&DeploymentStatus>, cur: &DeploymentStatus) -> Vec<S
     let state_changed = prev.is_none_or(|p| p.state != cur.state);
     if state_changed && !ended {
         match cur.state.as_str() {
-            "paused" => out.push(format!(
-                "{at} {who} paused at {}: {}; {}",
-                step_text(cur),
-                if cur.message.is_empty() {
-                    "no reason given"
-                } else {
-                    first_line(&cur.message)
-                },
-                hints(cur)
-            )),
+            "paused" => {
+                let mut l = format!("{at} {who} paused at {}", step_text(cur));
+                if !own_message(cur).is_empty() {
+                    l.push_str(&format!(": {}", own_message(cur)));
+                }
+                if !has_hints(cur) {
+                    l.push_str(&format!("; {}", hints(cur)));
+                }
+                out.push(l);
+            }
             "running" if prev.is_some() => {
                 out.push(format!("{at} {who} running again at {}", step_text(cur)))
             }
@@ -420,8 +452,8 @@ pub fn live(d: &DeploymentStatus, now: u64) -> String {
     let mut first = step_text(d);
     if d.state != "running" {
         first.push_str(&format!(" - {}", state_text(d).to_uppercase()));
-        if !d.message.is_empty() {
-            first.push_str(&format!(": {}", first_line(&d.message)));
+        if !own_message(d).is_empty() {
+            first.push_str(&format!(": {}", own_message(d)));
         }
     } else if !d.phase.is_empty() {
         first.push_str(&format!(": {}", phase_text(&d.phase)));
@@ -439,7 +471,7 @@ pub fn live(d: &DeploymentStatus, now: u64) -> String {
     if !d.groups.is_empty() {
         out.extend(group_rows(d).lines().map(str::to_string));
     }
-    if d.state == "paused" {
+    if d.state == "paused" && !has_hints(d) {
         out.push(hints(d));
     }
     out.join("\n")
@@ -557,6 +589,12 @@ mod tests {
         assert_eq!(step_text(&r), "batch 2/3 (api-3, api-4)");
         assert_eq!(step_cell(&r), "batch 2/3");
         assert_eq!(canary_step_label("2.5"), "2.5%");
+        // The agent labels its steps `25%`.
+        assert_eq!(canary_step_label("25%"), "25%");
+        d.steps = ["internal", "10%", "100%"].map(String::from).to_vec();
+        d.step = 1;
+        assert_eq!(step_text(&d), "step 2/3 (10%)");
+        assert_eq!(step_cell(&d), "2/3 10%");
     }
 
     #[test]
@@ -591,6 +629,52 @@ mod tests {
         );
         r.phase = "waiting_health".into();
         assert!(line(&r).ends_with(", waiting for health"), "{}", line(&r));
+    }
+
+    #[test]
+    fn the_agents_messages_lose_what_the_line_says_already() {
+        let mut d = canary();
+        d.state = "paused".into();
+        d.message = "canary #3 step 2/4 (25%) paused by uid 0".into();
+        assert_eq!(own_message(&d), "paused by uid 0");
+        assert_eq!(
+            line(&d),
+            "web: canary #3 paused at step 2/4 (25%): paused by uid 0"
+        );
+        d.message = "canary #3 step 2/4 (25%): started (by uid 0)".into();
+        assert_eq!(own_message(&d), "started (by uid 0)");
+        // Another step than the one shown stays: it says which step passed.
+        d.message = "canary #3 step 1/4 (5%) passed; green gets all new flows".into();
+        assert_eq!(
+            own_message(&d),
+            "step 1/4 (5%) passed; green gets all new flows"
+        );
+        d.message = "canary #3 step 2/4 (25%)".into();
+        assert_eq!(line(&d), "web: canary #3 paused at step 2/4 (25%)");
+        d.message = "someone else's words\nand more".into();
+        assert_eq!(own_message(&d), "someone else's words");
+        let mut r = rolling();
+        r.message = "rolling #4 batch 2/3 (api-3,api-4): restored".into();
+        assert_eq!(own_message(&r), "restored");
+        // Hints the agent gave are not given twice.
+        d.message = "canary #3 step 2/4 (25%) paused: not enough evidence; `zdd resume web` \
+                     observes longer"
+            .into();
+        let mut running = d.clone();
+        running.state = "running".into();
+        let l = changes(Some(&running), &d);
+        assert_eq!(
+            l,
+            [
+                "[+42s] web: canary #3 paused at step 2/4 (25%): not enough evidence; `zdd resume \
+                 web` observes longer"
+            ]
+        );
+        assert!(!live(&d, 0).contains("goes on"));
+        d.message = "canary #3 step 2/4 (25%) paused: still not enough evidence".into();
+        assert_eq!(own_message(&d), "still not enough evidence");
+        d.message = "canary #3 step 2/4 (25%) paused by uid 0".into();
+        assert_eq!(own_message(&d), "paused by uid 0");
     }
 
     #[test]

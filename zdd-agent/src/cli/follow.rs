@@ -86,8 +86,9 @@ impl View {
             Some(d.steps.len().max(1) as u64),
             ProgressDrawTarget::stdout(),
         );
+        // The bar on a line of its own: the step's text under it is as wide as it needs.
         // The template is fixed and valid; a failure would only lose the layout.
-        if let Ok(style) = ProgressStyle::with_template("{prefix} [{bar:30}] {msg}") {
+        if let Ok(style) = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len}\n{msg}") {
             pb.set_style(style.progress_chars("=> "));
         }
         pb.set_prefix(format!("{} {} #{}", d.service, d.kind, d.id));

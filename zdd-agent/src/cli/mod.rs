@@ -1,7 +1,10 @@
 //! The `zdd` command-line client: parses the command line ([`args`]), sends one request over
-//! the agent's control socket ([`client`]) and prints the answer as text ([`render`]) or JSON.
+//! the agent's control socket ([`client`]) and prints the answer as text ([`render`],
+//! [`deploy`]) or JSON. `canary` and `rolling` then follow the deployment they started
+//! (`follow`).
 //!
-//! Exit codes: 0 done; 1 refused by the agent or failed; 2 usage.
+//! Exit codes: 0 done; 1 refused by the agent or failed (a followed deployment that did not
+//! succeed); 2 usage; 130 Ctrl-C while following.
 
 pub mod args;
 pub mod client;

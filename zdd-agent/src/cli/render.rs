@@ -344,7 +344,7 @@ pub fn event(e: &Event) -> String {
         (via, None) => via.to_string(),
     };
     format!(
-        "{}  {who:<9} {:<15} {:<12} {}",
+        "{}  {who:<9} {:<20} {:<12} {}",
         time_text(e.time_ms),
         e.kind,
         e.service.as_deref().unwrap_or("-"),
@@ -604,7 +604,7 @@ mod tests {
         let line = event(&e);
         assert_eq!(
             line,
-            "2023-11-14 22:13:20.250Z  uid 1000  split           web          split blue=100 -> blue=95 green=5"
+            "2023-11-14 22:13:20.250Z  uid 1000  split                web          split blue=100 -> blue=95 green=5"
         );
         let one = serde_json::to_value(&e).unwrap();
         let list = serde_json::json!([one.clone(), one.clone()]);
