@@ -321,19 +321,26 @@ impl<'a> Alertmanager<'a> {
     pub fn wait_for_alert(&self, alertname: &str, timeout: Duration) -> Result<Value> {
         let start = Instant::now();
         loop {
-            let alerts = self.alerts()?;
-            if let Some(a) = alerts
-                .iter()
-                .find(|a| a["labels"]["alertname"] == alertname)
-            {
-                return Ok(a.clone());
+            // A read that fails (a busy machine) is retried like one without the alert.
+            let alerts = self.alerts();
+            if let Some(a) = alerts.as_ref().ok().and_then(|v| {
+                v.iter()
+                    .find(|a| a["labels"]["alertname"] == alertname)
+                    .cloned()
+            }) {
+                return Ok(a);
             }
             if start.elapsed() > timeout {
-                let names: Vec<&str> = alerts
-                    .iter()
-                    .map(|a| a["labels"]["alertname"].as_str().unwrap_or("?"))
-                    .collect();
-                bail!("no alert {alertname:?} within {timeout:?}; alerts held: {names:?}");
+                let held = match &alerts {
+                    Ok(v) => format!(
+                        "alerts held: {:?}",
+                        v.iter()
+                            .map(|a| a["labels"]["alertname"].as_str().unwrap_or("?"))
+                            .collect::<Vec<_>>()
+                    ),
+                    Err(e) => format!("the last read failed: {e:#}"),
+                };
+                bail!("no alert {alertname:?} within {timeout:?}; {held}");
             }
             std::thread::sleep(Duration::from_millis(200));
         }

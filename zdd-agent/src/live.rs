@@ -443,7 +443,8 @@ fn trim(h: &mut Vec<Vec<(String, u32)>>) {
     }
 }
 
-fn push_history(s: &mut LiveService, split: Vec<(String, u32)>) {
+/// Sets a service's split, remembering the one it replaces (what `rollback` restores).
+pub(crate) fn push_history(s: &mut LiveService, split: Vec<(String, u32)>) {
     if s.spec.split != split {
         let old = std::mem::replace(&mut s.spec.split, split);
         s.history.push(old);
