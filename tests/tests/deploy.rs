@@ -473,6 +473,15 @@ fn updater<'a>(
     }
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn version_of(lab: &Lab, backend: &str) -> String {
     let b = lab.backend(backend);
     let addr = b.http_v4();
@@ -507,6 +516,8 @@ fn a_rolling_update_replaces_every_backend_without_a_failed_request() {
     let log = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|sc| {
         sc.spawn(updater(&lab, &dir, &stop, &log));
+        // Also when an assertion fails: the scope waits for the updater.
+        let _stop = StopOnDrop(&stop);
         let load = Load::start(&lab, vip(), LoadSpec::default());
         let t0 = Instant::now();
         let d = ok(
@@ -553,7 +564,9 @@ fn a_rolling_update_replaces_every_backend_without_a_failed_request() {
 fn a_failing_update_stops_the_rolling_update_with_the_service_serving() {
     require_privileged!();
     let lab = Lab::new(lab_spec!()).unwrap();
-    let agent = Agent::start(&lab, &web(&lab, "blue = 50, green = 50", "", "")).unwrap();
+    let agent =
+        Agent::start_with(&lab, ALERTS, &web(&lab, "blue = 50, green = 50", "", "")).unwrap();
+    let am = Alertmanager::start(&lab, Node::Edge).unwrap();
     wait_all_up(&agent, &lab);
     let dir = lab.log_dir().join("updates");
     std::fs::create_dir_all(&dir).unwrap();
@@ -562,6 +575,8 @@ fn a_failing_update_stops_the_rolling_update_with_the_service_serving() {
     let log = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|sc| {
         sc.spawn(updater(&lab, &dir, &stop, &log));
+        // Also when an assertion fails: the scope waits for the updater.
+        let _stop = StopOnDrop(&stop);
         let load = Load::start(&lab, vip(), LoadSpec::default());
         let t0 = Instant::now();
         let d = ok(
@@ -585,10 +600,32 @@ fn a_failing_update_stops_the_rolling_update_with_the_service_serving() {
         let s = agent.backend_status("web", "green-1").unwrap();
         assert_ne!(s["state"], "serving", "{s}");
         assert!(!events(&agent, "rolling_stopped").is_empty());
-        // Fixed: resume retries the batch and the update completes.
+        // Someone is told: the alert names the backend and why.
+        let a = am
+            .wait_for_alert("ZddRollingStopped", Duration::from_secs(15))
+            .unwrap();
+        assert_eq!(a["labels"]["backend"], "green-1", "{a:#}");
+        assert!(
+            a["labels"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("cannot update green-1"),
+            "{a:#}"
+        );
+        // Fixed: resume retries the batch and the update completes; the alert resolves.
         std::fs::remove_file(dir.join("fail")).unwrap();
         let r = ok(&agent, json!({"cmd": "resume", "service": "web"}));
         assert_eq!(r["state"], "running");
+        let t = Instant::now();
+        while am
+            .alerts()
+            .unwrap()
+            .iter()
+            .any(|a| a["labels"]["alertname"] == "ZddRollingStopped")
+        {
+            assert!(t.elapsed() < Duration::from_secs(15), "not resolved");
+            std::thread::sleep(Duration::from_millis(200));
+        }
         let done = finished(&agent, id, Duration::from_secs(40));
         let r = load.stop();
         stop.store(true, Ordering::Relaxed);
@@ -601,6 +638,97 @@ fn a_failing_update_stops_the_rolling_update_with_the_service_serving() {
         assert_eq!(r.failed(), 0, "{:?}", r.errors);
     });
     assert_eq!(log.lock().unwrap().len(), 4);
+}
+
+/// `[alerts]` to the lab's Alertmanager (in the edge namespace, beside the agent).
+const ALERTS: &str = "\n[alerts]\nalertmanager = [\"http://127.0.0.1:9093\"]\n";
+
+#[test]
+fn an_aborted_rolling_update_stops_and_says_what_stays_drained() {
+    require_privileged!();
+    let lab = Lab::new(lab_spec!()).unwrap();
+    let agent = Agent::start(&lab, &web(&lab, "blue = 50, green = 50", "", "")).unwrap();
+    wait_all_up(&agent, &lab);
+    let load = Load::start(&lab, vip(), LoadSpec::default());
+    let d = ok(
+        &agent,
+        json!({"cmd": "rolling", "service": "web", "batch": "25%",
+               "exec": "echo \"disk full on $ZDD_BACKEND\" >&2; exit 2", "drain_timeout": "1s"}),
+    );
+    let id = d["id"].as_u64().unwrap();
+    assert_eq!(
+        d["steps"],
+        json!(["blue-1", "blue-2", "green-1", "green-2"]),
+        "{d:#}"
+    );
+    let stopped = wait_deployment(&agent, id, Duration::from_secs(20), "stopped", |d| {
+        d["state"] == "stopped"
+    });
+    assert!(
+        stopped["message"]
+            .as_str()
+            .unwrap()
+            .contains("disk full on blue-1"),
+        "{stopped:#}"
+    );
+    let a = ok(&agent, json!({"cmd": "abort", "service": "web"}));
+    assert_eq!(a["state"], "aborted", "{a:#}");
+    let m = a["message"].as_str().unwrap();
+    assert!(m.contains("blue-1 stays drained"), "{m}");
+    // The service serves on the others; blue-1 stays out until someone undrains it.
+    std::thread::sleep(Duration::from_millis(500));
+    let r = load.stop();
+    assert_eq!(r.failed(), 0, "{:?}", r.errors);
+    assert_ne!(
+        agent.backend_status("web", "blue-1").unwrap()["state"],
+        "serving"
+    );
+    assert_eq!(
+        agent.backend_status("web", "blue-2").unwrap()["state"],
+        "serving",
+        "the next batch never started"
+    );
+    // Nothing runs any more.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(deployment(&agent, id)["state"], "aborted");
+    ok(
+        &agent,
+        json!({"cmd": "backend_undrain", "service": "web", "name": "blue-1"}),
+    );
+}
+
+#[test]
+fn a_cohort_rollout_that_fails_takes_the_feature_away_from_everyone() {
+    require_privileged!();
+    let lab = Lab::new(lab_spec!()).unwrap();
+    let services = web(
+        &lab,
+        "blue = 100, green = 0",
+        "affinity = \"client\"",
+        "[[services.cohorts]]\nname = \"internal\"\nsources = [\"10.0.1.0/24\"]\n",
+    );
+    let agent = Agent::start(&lab, &services).unwrap();
+    wait_all_up(&agent, &lab);
+    let load = Load::start(&lab, vip(), LoadSpec::default());
+    let d = ok(
+        &agent,
+        json!({"cmd": "canary", "service": "web", "to": "green",
+               "steps": ["internal", "100"], "interval": "2s", "min_flows": 5,
+               "check": "[ \"$ZDD_STEP_LABEL\" != internal ] || exit 9"}),
+    );
+    let id = d["id"].as_u64().unwrap();
+    // The whole client network is the cohort: green gets every new flow until the check.
+    let st = ok(&agent, json!({"cmd": "status", "service": "web"}));
+    assert_eq!(st["services"][0]["pins"][0]["group"], "green", "{st:#}");
+    let done = finished(&agent, id, Duration::from_secs(20));
+    let r = load.stop();
+    assert_eq!(done["state"], "rolled_back", "{done:#}");
+    let st = ok(&agent, json!({"cmd": "status", "service": "web"}));
+    assert_eq!(st["services"][0]["pins"], json!([]), "{st:#}");
+    assert_eq!(st["services"][0]["split"]["green"], 0.0);
+    let back = lab.in_ns(Node::Client, || zdd_tests::connect_and_get(vip()).unwrap());
+    assert_eq!(back.group, "blue", "nobody sees the feature any more");
+    assert_eq!(r.failed(), 0, "{:?}", r.errors);
 }
 
 const CLIENTS: u8 = 200;
@@ -750,7 +878,9 @@ fn a_canary_carries_on_at_its_step_after_the_agent_is_killed() {
 fn a_rollback_to_a_baseline_that_lost_capacity_warns() {
     require_privileged!();
     let lab = Lab::new(lab_spec!()).unwrap();
-    let agent = Agent::start(&lab, &web(&lab, "blue = 100, green = 0", "", "")).unwrap();
+    let agent =
+        Agent::start_with(&lab, ALERTS, &web(&lab, "blue = 100, green = 0", "", "")).unwrap();
+    let am = Alertmanager::start(&lab, Node::Edge).unwrap();
     wait_all_up(&agent, &lab);
     // Blue serves everything with blue-1 and blue-2 (capacity 200) for a moment.
     std::thread::sleep(Duration::from_millis(1500));
@@ -782,6 +912,14 @@ fn a_rollback_to_a_baseline_that_lost_capacity_warns() {
         assert!(t.elapsed() < Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(20));
     }
+    let down = am
+        .wait_for_alert("ZddBackendDown", Duration::from_secs(15))
+        .unwrap();
+    assert_eq!(
+        (&down["labels"]["backend"], &down["labels"]["group"]),
+        (&json!("blue-2"), &json!("blue")),
+        "{down:#}"
+    );
     let a = ok(&agent, json!({"cmd": "abort", "service": "web"}));
     assert_eq!(a["state"], "aborted");
     assert_eq!(deployment(&agent, id)["state"], "aborted");
@@ -793,4 +931,8 @@ fn a_rollback_to_a_baseline_that_lost_capacity_warns() {
         m.contains("group blue") && m.contains("100") && m.contains("200"),
         "{m}"
     );
+    am.wait_for_alert("ZddRollbackCapacity", Duration::from_secs(15))
+        .unwrap();
+    am.wait_for_alert("ZddDeploymentFinished", Duration::from_secs(15))
+        .unwrap();
 }

@@ -162,6 +162,9 @@ pub struct Control {
     pub alerts: crate::alerts::Alerts,
     /// Prometheus for canary analysis (`agent.prometheus`).
     pub prom: Option<crate::prom::PromClient>,
+    /// Alerts sent firing without an end, by what they are about: a resolution is sent
+    /// with the same labels.
+    pub(crate) firing_alerts: HashMap<String, crate::alerts::Alert>,
 }
 
 /// A service as events show it before and after a change: the protocol's words (split in
@@ -246,6 +249,7 @@ impl Control {
             panic: BTreeSet::new(),
             alerts: crate::alerts::Alerts::disabled(),
             prom: None,
+            firing_alerts: HashMap::new(),
         };
         c.update_count_rules();
         c

@@ -21,6 +21,15 @@ use crate::{
     state::Pin,
 };
 
+/// "blue-1 stays" or "blue-1,blue-2 stay": a batch and its verb.
+pub fn batch_stays(batch: &[String]) -> String {
+    format!(
+        "{} {}",
+        batch.join(","),
+        if batch.len() == 1 { "stays" } else { "stay" }
+    )
+}
+
 /// Finished deployments kept (for `zdd deployments`).
 pub const KEEP_PAST: usize = 50;
 

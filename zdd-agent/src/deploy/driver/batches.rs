@@ -325,9 +325,9 @@ impl Control {
 
     fn stop_rolling(&mut self, d: &Deployment, batch: &[String], why: String) {
         let message = format!(
-            "{} stopped: {why}; the service serves on its other backends ({} stay drained); `zdd resume {}` retries the batch, `zdd abort {}` ends the update",
+            "{} stopped: {why}; the service serves on its other backends ({} drained); `zdd resume {}` retries the batch, `zdd abort {}` ends the update",
             d.position(),
-            batch.join(","),
+            crate::deploy::batch_stays(batch),
             d.service,
             d.service
         );

@@ -320,6 +320,13 @@ impl Control {
                 ));
             }
             (Plan::Canary(c), _) => {
+                self.alert(
+                    "ZddDeploymentPaused",
+                    false,
+                    &[("service", service)],
+                    message.clone(),
+                    None,
+                );
                 if let Some(x) = self.live.deployments.iter_mut().find(|x| x.id == d.id) {
                     x.state = State::Running;
                     x.extensions = 0;
@@ -418,8 +425,8 @@ impl Control {
                     String::new()
                 } else {
                     format!(
-                        "; {} stay drained (`zdd backend undrain {service} NAME` when they are fine)",
-                        batch.join(",")
+                        "; {} drained (`zdd backend undrain {service} NAME` when fine)",
+                        crate::deploy::batch_stays(&batch)
                     )
                 };
                 let message = format!("{} aborted by uid {}{left}", d.position(), peer.uid);
@@ -599,34 +606,71 @@ impl Control {
         );
     }
 
-    /// Sends an alert (never blocks). Labels with an empty value are left out.
+    /// Sends an alert (never blocks). Labels with an empty value are left out. A resolved
+    /// alert is sent with the labels and start of the one it resolves (Alertmanager matches
+    /// them by their labels), and only when that one fired.
     pub(crate) fn alert(
-        &self,
+        &mut self,
         name: &str,
         firing: bool,
         labels: &[(&str, &str)],
         summary: String,
         ends_ms: Option<u64>,
     ) {
-        self.alerts.send(Alert {
-            name: name.into(),
-            firing,
-            labels: labels
+        let labels: std::collections::BTreeMap<String, String> = labels
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // What a firing alert is about: its name and where (not why, which may change).
+        let key = ["service", "group", "backend"]
+            .iter()
+            .fold(name.to_string(), |k, l| {
+                format!("{k}/{}", labels.get(*l).map(String::as_str).unwrap_or(""))
+            });
+        let now = now_ms();
+        if firing {
+            let a = Alert {
+                name: name.into(),
+                firing,
+                labels,
+                summary,
+                starts_ms: now,
+                ends_ms,
+            };
+            if ends_ms.is_none() {
+                self.firing_alerts.insert(key, a.clone());
+            }
+            self.alerts.send(a);
+        } else {
+            // Resolves every firing one of that name about what the labels given name
+            // (`service` alone: all of the service's).
+            let about = |a: &Alert| {
+                a.name == name
+                    && ["service", "group", "backend"]
+                        .iter()
+                        .all(|l| labels.get(*l).is_none_or(|v| a.labels.get(*l) == Some(v)))
+            };
+            let keys: Vec<String> = self
+                .firing_alerts
                 .iter()
-                .filter(|(_, v)| !v.is_empty())
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            summary,
-            starts_ms: now_ms(),
-            ends_ms: if firing {
-                ends_ms
-            } else {
-                Some(ends_ms.unwrap_or_else(now_ms))
-            },
-        });
+                .filter(|(_, a)| about(a))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                if let Some(fired) = self.firing_alerts.remove(&k) {
+                    self.alerts.send(Alert {
+                        firing: false,
+                        summary: summary.clone(),
+                        ends_ms: Some(ends_ms.unwrap_or(now).max(fired.starts_ms + 1)),
+                        ..fired
+                    });
+                }
+            }
+        }
     }
 
-    fn deployment_finished_alert(&self, d: &Deployment, state: State, message: &str) {
+    fn deployment_finished_alert(&mut self, d: &Deployment, state: State, message: &str) {
         let now = now_ms();
         if matches!(d.plan, Plan::Canary(_)) {
             // A pause for want of evidence is over once it ends.
