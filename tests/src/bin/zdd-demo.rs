@@ -162,9 +162,10 @@ fn run() -> Result<()> {
     );
     std::thread::sleep(Duration::from_secs(1));
     counts.failed.swap(0, Relaxed);
+    let canary_over = Arc::new(AtomicBool::new(false));
     let breaker = {
         let socket = agent.socket_path();
-        let done = stop.clone();
+        let done = canary_over.clone();
         let lab = &lab;
         move || -> Result<Option<Instant>> {
             // Waits for step 2, then breaks green.
@@ -209,16 +210,13 @@ fn run() -> Result<()> {
             .stderr(std::process::Stdio::inherit())
             .status()
             .context("running zdd canary")?;
-        stop.store(true, Relaxed);
+        canary_over.store(true, Relaxed);
         let broke = watcher
             .join()
             .map_err(|_| anyhow::anyhow!("the watcher panicked"))??;
         Ok((code, broke))
     })?;
     let canary_failed = counts.failed.swap(0, Relaxed);
-    for w in workers {
-        let _ = w.join();
-    }
     for g in ["green-1", "green-2"] {
         lab.set_server_control(g, "")?;
     }
@@ -240,12 +238,20 @@ fn run() -> Result<()> {
     );
     let deployments = agent.zdd(&["deployments", "web"])?;
     let events = agent.zdd(&["events", "--limit", "8"])?;
+    // Rates in `status` are per second: let one pass since the rollback.
+    std::thread::sleep(Duration::from_millis(1500));
     let status = agent.zdd(&["status", "web"])?;
+    stop.store(true, Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    let after = counts.failed.swap(0, Relaxed);
     agent.stop()?;
     println!("\n$ zdd deployments web\n{deployments}");
     println!("$ zdd events --limit 8\n{events}");
     println!("$ zdd status web\n{status}");
     println!("{part1}");
+    println!("requests failed after the rollback: {after}");
     println!("the agent stopped; its data path kept forwarding until the lab was removed");
     println!("tearing down the lab");
     if code.code() != Some(1) {
