@@ -394,6 +394,22 @@ impl Alerts {
         inner.offer(last, alert);
     }
 
+    /// Queues `alert` again for the Alertmanagers only: a firing alert without an end must
+    /// be re-sent before Alertmanager's `resolve_timeout` (5 min by default) takes it for
+    /// resolved; webhooks got it once and need no repeat.
+    pub fn refresh(&self, alert: Alert) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        for r in inner
+            .receivers
+            .iter()
+            .filter(|r| r.kind == Kind::Alertmanager)
+        {
+            inner.offer(r, alert.clone());
+        }
+    }
+
     /// Counters of every receiver, Alertmanagers first, in config order.
     pub fn counts(&self) -> Vec<ReceiverCounts> {
         let Some(inner) = &self.inner else {
@@ -858,6 +874,26 @@ mod tests {
                 queued: 2,
             }]
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn refresh_goes_to_alertmanagers_only() {
+        let (am, hook) = (closed_port_url(), closed_port_url());
+        let alerts = Alerts::start(AlertSettings {
+            alertmanager: vec![am.replace("/hook", "")],
+            webhooks: vec![hook],
+            queue: 10,
+            ..AlertSettings::default()
+        });
+        alerts.refresh(rolled_back(true));
+        alerts.refresh(rolled_back(true));
+        // The worker has not run yet on this runtime: what is queued is what was offered.
+        let queued: Vec<(&str, u64)> = alerts
+            .counts()
+            .iter()
+            .map(|c| (c.kind, c.queued))
+            .collect();
+        assert_eq!(queued, [("alertmanager", 2), ("webhook", 0)]);
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -165,6 +165,8 @@ pub struct Control {
     /// Alerts sent firing without an end, by what they are about: a resolution is sent
     /// with the same labels.
     pub(crate) firing_alerts: HashMap<String, crate::alerts::Alert>,
+    /// When those were last re-sent to Alertmanager (Unix ms).
+    pub(crate) alerts_refreshed_ms: u64,
 }
 
 /// A service as events show it before and after a change: the protocol's words (split in
@@ -250,6 +252,7 @@ impl Control {
             alerts: crate::alerts::Alerts::disabled(),
             prom: None,
             firing_alerts: HashMap::new(),
+            alerts_refreshed_ms: 0,
         };
         c.update_count_rules();
         c

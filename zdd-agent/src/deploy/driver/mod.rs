@@ -31,6 +31,9 @@ use crate::{
     state::HealthKind,
 };
 
+/// How often firing alerts are re-sent to Alertmanager.
+const ALERT_REFRESH_MS: u64 = 60_000;
+
 fn err(code: ErrorCode, m: impl Into<String>) -> ApiError {
     ApiError::new(code, m)
 }
@@ -512,6 +515,19 @@ impl Control {
             }
         }
         self.track_capacity();
+        self.refresh_alerts(now);
+    }
+
+    /// Re-sends the alerts still firing to Alertmanager once a minute, well within its
+    /// `resolve_timeout` (5 min by default), so a backend down for an hour stays an alert.
+    fn refresh_alerts(&mut self, now: u64) {
+        if now.saturating_sub(self.alerts_refreshed_ms) < ALERT_REFRESH_MS {
+            return;
+        }
+        self.alerts_refreshed_ms = now;
+        for a in self.firing_alerts.values() {
+            self.alerts.refresh(a.clone());
+        }
     }
 
     /// After a restart: an analysis or update that was running is gone with the old agent.
