@@ -888,11 +888,7 @@ mod tests {
         alerts.refresh(rolled_back(true));
         alerts.refresh(rolled_back(true));
         // The worker has not run yet on this runtime: what is queued is what was offered.
-        let queued: Vec<(&str, u64)> = alerts
-            .counts()
-            .iter()
-            .map(|c| (c.kind, c.queued))
-            .collect();
+        let queued: Vec<(&str, u64)> = alerts.counts().iter().map(|c| (c.kind, c.queued)).collect();
         assert_eq!(queued, [("alertmanager", 2), ("webhook", 0)]);
     }
 
