@@ -698,6 +698,33 @@ fn an_aborted_rolling_update_stops_and_says_what_stays_drained() {
 }
 
 #[test]
+fn a_rolling_update_leaves_a_backend_drained_by_a_person_drained() {
+    require_privileged!();
+    let lab = Lab::new(lab_spec!()).unwrap();
+    let agent = Agent::start(&lab, &web(&lab, "blue = 100, green = 0", "", "")).unwrap();
+    wait_all_up(&agent, &lab);
+    ok(
+        &agent,
+        json!({"cmd": "backend_drain", "service": "web", "name": "green-2"}),
+    );
+    let d = ok(
+        &agent,
+        json!({"cmd": "rolling", "service": "web", "batch": "1",
+               "exec": "true", "drain_timeout": "1s"}),
+    );
+    let done = finished(&agent, d["id"].as_u64().unwrap(), Duration::from_secs(40));
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    for b in ["blue-1", "blue-2", "green-1"] {
+        assert_eq!(agent.backend_status("web", b).unwrap()["state"], "serving");
+    }
+    assert_ne!(
+        agent.backend_status("web", "green-2").unwrap()["state"],
+        "serving",
+        "updated, but still drained as before"
+    );
+}
+
+#[test]
 fn a_cohort_rollout_that_fails_takes_the_feature_away_from_everyone() {
     require_privileged!();
     let lab = Lab::new(lab_spec!()).unwrap();

@@ -188,6 +188,10 @@ pub struct Deployment {
     /// Counts analyses and commands started, so a late answer for an earlier one is ignored.
     #[serde(default)]
     pub attempt: u64,
+    /// Rolling: backends a person had drained before the update began; they are updated
+    /// but stay drained.
+    #[serde(default)]
+    pub drained_before: Vec<String>,
 }
 
 // The floats inside (analysis values) are finite or absent.

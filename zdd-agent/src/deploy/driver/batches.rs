@@ -84,6 +84,11 @@ impl Control {
             before_split: Vec::new(),
             before_pins: Vec::new(),
             attempt: 0,
+            drained_before: drains
+                .keys()
+                .filter(|n| spec.backends.iter().any(|b| &&b.name == n))
+                .cloned()
+                .collect(),
             plan: Plan::Rolling(plan),
         };
         d.message = format!("{}: draining (started by uid {})", d.position(), peer.uid);
@@ -260,7 +265,7 @@ impl Control {
         let now = now_ms();
         let mut next = self.live.clone();
         if let Some(s) = next.services.iter_mut().find(|s| s.spec.name == d.service) {
-            for b in batch {
+            for b in batch.iter().filter(|b| !d.drained_before.contains(b)) {
                 s.drains.remove(b);
             }
         }

@@ -420,7 +420,7 @@ impl Control {
                 if undrain
                     && let Some(s) = next.services.iter_mut().find(|s| s.spec.name == service)
                 {
-                    for b in &batch {
+                    for b in batch.iter().filter(|b| !d.drained_before.contains(b)) {
                         s.drains.remove(b);
                     }
                 }

@@ -140,6 +140,7 @@ impl Control {
             before_split: spec.split.clone(),
             before_pins: spec.pins.clone(),
             attempt: 0,
+            drained_before: Vec::new(),
             plan: Plan::Canary(plan),
         };
         let mut d = d;
