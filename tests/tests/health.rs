@@ -14,8 +14,12 @@ use zdd_tests::{
     control::result,
     lab_spec,
     load::{Load, LoadSpec},
+    observability::Alertmanager,
     require_privileged,
 };
+
+/// `[alerts]` to the lab's Alertmanager (in the edge namespace, beside the agent).
+const ALERTS: &str = "\n[alerts]\nalertmanager = [\"http://127.0.0.1:9093\"]\n";
 
 fn vip() -> SocketAddr {
     SocketAddr::new(VIP_V4.parse().unwrap(), 80)
@@ -247,7 +251,8 @@ fn a_probe_slower_than_max_latency_fails() {
 fn every_backend_of_a_group_down_panic_mode_keeps_forwarding() {
     require_privileged!();
     let lab = Lab::new(lab_spec!()).unwrap();
-    let agent = Agent::start(&lab, &web(&lab, "blue = 100, green = 0", "")).unwrap();
+    let agent = Agent::start_with(&lab, ALERTS, &web(&lab, "blue = 100, green = 0", "")).unwrap();
+    let am = Alertmanager::start(&lab, Node::Edge).unwrap();
     for b in ["blue-1", "blue-2", "green-1", "green-2"] {
         wait_health(&agent, b, "up", Duration::from_secs(3));
     }
@@ -263,6 +268,11 @@ fn every_backend_of_a_group_down_panic_mode_keeps_forwarding() {
         serde_json::json!(["blue"]),
         "{st}"
     );
+    // Someone is told, by Alertmanager.
+    let a = am
+        .wait_for_alert("ZddPanicMode", Duration::from_secs(15))
+        .unwrap();
+    assert_eq!(a["labels"]["group"], "blue", "{a:#}");
     // Panic: blue keeps getting its flows rather than none.
     let s = spread(&lab, 20);
     assert_eq!(
@@ -292,6 +302,20 @@ fn every_backend_of_a_group_down_panic_mode_keeps_forwarding() {
     wait_health(&agent, "blue-1", "up", Duration::from_secs(3));
     let r = load.stop();
     assert_eq!(r.failed(), 0, "{:?}", r.errors);
+    // Over: the panic alert is resolved (no longer active in Alertmanager).
+    let t = Instant::now();
+    while am
+        .alerts()
+        .unwrap()
+        .iter()
+        .any(|a| a["labels"]["alertname"] == "ZddPanicMode")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "panic alert not resolved"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let events = ok(&agent, r#"{"cmd":"events","limit":30}"#).to_string();
     assert!(events.contains("\"kind\":\"panic\""), "{events}");
     assert!(events.contains("panic mode: group blue"), "{events}");
@@ -329,15 +353,17 @@ fn a_new_backend_takes_no_flow_before_its_first_probe_passes() {
 fn a_backend_that_resets_its_clients_is_ejected_by_the_passive_signals() {
     require_privileged!();
     let lab = Lab::new(lab_spec!()).unwrap();
-    let agent = Agent::start(
+    let agent = Agent::start_with(
         &lab,
+        ALERTS,
         &web(
             &lab,
             "blue = 100, green = 0",
-            "outlier_ratio = 50\noutlier_min_attempts = 10\noutlier_window = \"2s\"\nejection = \"2s\"",
+            "outlier_ratio = 50\noutlier_min_attempts = 10\noutlier_window = \"2s\"\nejection = \"4s\"",
         ),
     )
     .unwrap();
+    let am = Alertmanager::start(&lab, Node::Edge).unwrap();
     wait_health(&agent, "blue-1", "up", Duration::from_secs(3));
     wait_health(&agent, "blue-2", "up", Duration::from_secs(3));
     let load = Load::start(&lab, vip(), new_connections_only());
@@ -358,6 +384,11 @@ fn a_backend_that_resets_its_clients_is_ejected_by_the_passive_signals() {
         "blue-1 resets its clients: ejected after {t:?}, {} request(s) failed before ({b})",
         at_ejection.new_failed
     );
+    // Someone is told (well within the 4 s ejection: Alertmanager holds it at once).
+    let a = am
+        .wait_for_alert("ZddBackendEjected", Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(a["labels"]["backend"], "blue-1", "{a:#}");
     // While it is ejected, nothing fails.
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(
@@ -368,7 +399,7 @@ fn a_backend_that_resets_its_clients_is_ejected_by_the_passive_signals() {
     );
     // Fixed while ejected: it comes back when the ejection is over, and stays.
     lab.set_server_control("blue-1", "").unwrap();
-    let back = wait_health(&agent, "blue-1", "up", Duration::from_secs(6));
+    let back = wait_health(&agent, "blue-1", "up", Duration::from_secs(8));
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(backend(&agent, "blue-1")["health"], "up");
     let r = load.stop();
