@@ -336,7 +336,8 @@ fn a_canary_with_almost_no_traffic_extends_its_step_and_does_not_promote() {
         "",
         "[services.canary]\nmin_flows = 50\nmax_extensions = 2\n",
     );
-    let agent = Agent::start(&lab, &services).unwrap();
+    let agent = Agent::start_with(&lab, ALERTS, &services).unwrap();
+    let am = Alertmanager::start(&lab, Node::Edge).unwrap();
     wait_all_up(&agent, &lab);
     // A trickle: a few connections, far from 50 to green.
     let trickle = Load::start(
@@ -379,10 +380,25 @@ fn a_canary_with_almost_no_traffic_extends_its_step_and_does_not_promote() {
     // It stays there: no step passes blindly.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(deployment(&agent, id)["state"], "paused");
-    // Abort: back to blue, the deployment ends.
+    // A person is needed: Alertmanager says so.
+    let a = am
+        .wait_for_alert("ZddDeploymentPaused", Duration::from_secs(15))
+        .unwrap();
+    assert_eq!(a["labels"]["reason"], "inconclusive", "{a:#}");
+    // Abort: back to blue, the deployment ends, and so does the alert.
     let a = ok(&agent, json!({"cmd": "abort", "service": "web"}));
     assert_eq!(a["state"], "aborted", "{a:#}");
     assert_eq!(split_of(&agent)["blue"], 100.0);
+    let t = Instant::now();
+    while am
+        .alerts()
+        .unwrap()
+        .iter()
+        .any(|a| a["labels"]["alertname"] == "ZddDeploymentPaused")
+    {
+        assert!(t.elapsed() < Duration::from_secs(15), "not resolved");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
