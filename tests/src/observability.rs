@@ -34,13 +34,72 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// A series of a query's answer: its labels (`__name__` included when kept) and value.
 pub type Sample = (BTreeMap<String, String>, f64);
 
-/// Prometheus, running in a lab namespace.
-pub struct Prometheus<'a> {
+/// A server of the two (Prometheus or Alertmanager) running in a lab namespace, with its
+/// config, data and log in the lab's log folder.
+struct Daemon<'a> {
     lab: &'a Lab,
     node: Node,
-    child: ChildGuard,
+    addr: &'static str,
+    _child: ChildGuard,
     log: PathBuf,
 }
+
+impl<'a> Daemon<'a> {
+    /// Writes `config` (JSON is YAML: no escaping of our own to get wrong), starts the first
+    /// of `bins` found with the arguments `args(config file, data folder)` in `node`'s
+    /// namespace, and waits until it answers `GET /-/ready`.
+    fn start(
+        lab: &'a Lab,
+        node: Node,
+        what: &str,
+        bins: &[&'static str],
+        addr: &'static str,
+        config: Value,
+        args: impl FnOnce(&Path, &Path) -> Vec<String>,
+    ) -> Result<Daemon<'a>> {
+        let name = format!("{}-{}", bins[0], node_label(lab, node));
+        let config_file = lab.log_dir().join(format!("{name}.yml"));
+        let data = lab.log_dir().join(format!("{name}-data"));
+        let log = lab.log_dir().join(format!("{name}.log"));
+        std::fs::write(&config_file, serde_json::to_string_pretty(&config)?)
+            .with_context(|| format!("writing {}", config_file.display()))?;
+        std::fs::create_dir_all(&data)?;
+        let mut cmd = Command::new(binary(bins)?);
+        cmd.args(args(&config_file, &data));
+        let mut child = spawn_logged(lab, node, cmd, &log, what)?;
+        wait_ready(lab, node, addr, &mut child, &log, what)?;
+        Ok(Daemon {
+            lab,
+            node,
+            addr,
+            _child: child,
+            log,
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<(u16, Vec<u8>)> {
+        get(self.lab, self.node, self.addr, path)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", log_tail(&self.log));
+        }
+    }
+}
+
+/// Prometheus, running in a lab namespace.
+pub struct Prometheus<'a>(Daemon<'a>);
 
 impl<'a> Prometheus<'a> {
     /// Starts Prometheus in `node`'s namespace, scraping every second each `(job, targets)` of
@@ -51,59 +110,47 @@ impl<'a> Prometheus<'a> {
         node: Node,
         scrape: &[(&str, Vec<String>)],
     ) -> Result<Prometheus<'a>> {
-        let name = format!("prometheus-{}", node_label(lab, node));
-        let config = lab.log_dir().join(format!("{name}.yml"));
-        let data = lab.log_dir().join(format!("{name}-data"));
-        let log = lab.log_dir().join(format!("{name}.log"));
         let jobs: Vec<Value> = scrape
             .iter()
             .map(
                 |(job, targets)| json!({"job_name": job, "static_configs": [{"targets": targets}]}),
             )
             .collect();
-        // JSON is YAML: no escaping of our own to get wrong.
-        let text = serde_json::to_string_pretty(&json!({
+        let config = json!({
             "global": {
                 "scrape_interval": "1s",
                 "scrape_timeout": "1s",
                 "evaluation_interval": "1s",
             },
             "scrape_configs": jobs,
-        }))?;
-        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-        std::fs::create_dir_all(&data)?;
-        let bin = binary(&["prometheus"])?;
-        let mut cmd = Command::new(bin);
-        cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", data.display()))
-            .arg(format!("--web.listen-address={PROMETHEUS_ADDR}"))
-            .arg("--storage.tsdb.retention.time=1h");
-        let child = spawn_logged(lab, node, cmd, &log, "prometheus")?;
-        let mut p = Prometheus {
+        });
+        Daemon::start(
             lab,
             node,
-            child,
-            log,
-        };
-        wait_ready(
-            lab,
-            node,
-            PROMETHEUS_ADDR,
-            &mut p.child,
-            &p.log,
             "Prometheus",
-        )?;
-        Ok(p)
+            &["prometheus"],
+            PROMETHEUS_ADDR,
+            config,
+            |config, data| {
+                vec![
+                    format!("--config.file={}", config.display()),
+                    format!("--storage.tsdb.path={}", data.display()),
+                    format!("--web.listen-address={PROMETHEUS_ADDR}"),
+                    "--storage.tsdb.retention.time=1h".into(),
+                ]
+            },
+        )
+        .map(Prometheus)
     }
 
     /// The base URL, as seen from inside its namespace.
     pub fn url(&self) -> String {
-        format!("http://{PROMETHEUS_ADDR}")
+        self.0.url()
     }
 
     /// Its log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.log()
     }
 
     /// An instant query (`/api/v1/query`): one `(labels, value)` per series; a scalar answer
@@ -111,7 +158,7 @@ impl<'a> Prometheus<'a> {
     /// and for range vectors (ask for an instant vector).
     pub fn query(&self, promql: &str) -> Result<Vec<Sample>> {
         let path = format!("/api/v1/query?query={}", urlencode(promql));
-        let (_, body) = get(self.lab, self.node, PROMETHEUS_ADDR, &path)?;
+        let (_, body) = self.0.get(&path)?;
         let v: Value = serde_json::from_slice(&body)
             .with_context(|| format!("query {promql:?}: not JSON: {}", lossy(&body)))?;
         if v["status"] != "success" {
@@ -186,7 +233,7 @@ impl<'a> Prometheus<'a> {
 
     /// The scrape targets (`/api/v1/targets`, `activeTargets`).
     pub fn targets(&self) -> Result<Vec<Value>> {
-        let (_, body) = get(self.lab, self.node, PROMETHEUS_ADDR, "/api/v1/targets")?;
+        let (_, body) = self.0.get("/api/v1/targets")?;
         let v: Value = serde_json::from_slice(&body)
             .with_context(|| format!("targets: not JSON: {}", lossy(&body)))?;
         Ok(v["data"]["activeTargets"]
@@ -231,32 +278,15 @@ impl<'a> Prometheus<'a> {
     }
 }
 
-impl Drop for Prometheus<'_> {
-    fn drop(&mut self) {
-        // The lab removes its log folder when dropped: say what went wrong first.
-        if std::thread::panicking() {
-            eprintln!("{}", log_tail(&self.log));
-        }
-    }
-}
-
-/// Alertmanager, running in a lab namespace: one `null` receiver, alerts grouped by name and
-/// sent on at once (group_wait 0s, group_interval 1s), no clustering.
-pub struct Alertmanager<'a> {
-    lab: &'a Lab,
-    node: Node,
-    child: ChildGuard,
-    log: PathBuf,
-}
+/// Alertmanager, running in a lab namespace, with one receiver that sends nowhere: the
+/// tests read the alerts back from its API.
+pub struct Alertmanager<'a>(Daemon<'a>);
 
 impl<'a> Alertmanager<'a> {
-    /// Starts Alertmanager in `node`'s namespace and waits until it is ready.
+    /// Starts Alertmanager in `node`'s namespace (alerts grouped by name and sent on at once:
+    /// group_wait 0s, group_interval 1s; no clustering) and waits until it is ready.
     pub fn start(lab: &'a Lab, node: Node) -> Result<Alertmanager<'a>> {
-        let name = format!("alertmanager-{}", node_label(lab, node));
-        let config = lab.log_dir().join(format!("{name}.yml"));
-        let data = lab.log_dir().join(format!("{name}-data"));
-        let log = lab.log_dir().join(format!("{name}.log"));
-        let text = serde_json::to_string_pretty(&json!({
+        let config = json!({
             "route": {
                 "receiver": "null",
                 "group_by": ["alertname"],
@@ -265,48 +295,41 @@ impl<'a> Alertmanager<'a> {
                 "repeat_interval": "1h",
             },
             "receivers": [{"name": "null"}],
-        }))?;
-        std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-        std::fs::create_dir_all(&data)?;
-        // Debian's name first; upstream's where it is installed under that one.
-        let bin = binary(&["prometheus-alertmanager", "alertmanager"])?;
-        let mut cmd = Command::new(bin);
-        cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.path={}", data.display()))
-            .arg(format!("--web.listen-address={ALERTMANAGER_ADDR}"))
-            // Empty: no gossip listener, a single instance.
-            .arg("--cluster.listen-address=");
-        let child = spawn_logged(lab, node, cmd, &log, "alertmanager")?;
-        let mut a = Alertmanager {
+        });
+        Daemon::start(
             lab,
             node,
-            child,
-            log,
-        };
-        wait_ready(
-            lab,
-            node,
-            ALERTMANAGER_ADDR,
-            &mut a.child,
-            &a.log,
             "Alertmanager",
-        )?;
-        Ok(a)
+            // Debian's name first; upstream's where it is installed under that one.
+            &["prometheus-alertmanager", "alertmanager"],
+            ALERTMANAGER_ADDR,
+            config,
+            |config, data| {
+                vec![
+                    format!("--config.file={}", config.display()),
+                    format!("--storage.path={}", data.display()),
+                    format!("--web.listen-address={ALERTMANAGER_ADDR}"),
+                    // Empty: no gossip listener, a single instance.
+                    "--cluster.listen-address=".into(),
+                ]
+            },
+        )
+        .map(Alertmanager)
     }
 
     /// The base URL, as seen from inside its namespace.
     pub fn url(&self) -> String {
-        format!("http://{ALERTMANAGER_ADDR}")
+        self.0.url()
     }
 
     /// Its log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.log()
     }
 
     /// The alerts it holds (`GET /api/v2/alerts`: active, silenced and inhibited ones).
     pub fn alerts(&self) -> Result<Vec<Value>> {
-        let (status, body) = get(self.lab, self.node, ALERTMANAGER_ADDR, "/api/v2/alerts")?;
+        let (status, body) = self.0.get("/api/v2/alerts")?;
         if status != 200 {
             bail!("GET /api/v2/alerts: status {status}: {}", lossy(&body));
         }
@@ -315,6 +338,23 @@ impl<'a> Alertmanager<'a> {
         v.as_array()
             .cloned()
             .with_context(|| format!("alerts: not a list: {v}"))
+    }
+
+    /// Waits until no alert with label `alertname` is held any more (it was resolved).
+    pub fn wait_until_gone(&self, alertname: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let held = self
+                .alerts()
+                .map(|v| v.iter().any(|a| a["labels"]["alertname"] == alertname));
+            if let Ok(false) = held {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!("alert {alertname:?} still held (or unreadable: {held:?}) after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Waits until an alert with label `alertname` arrives (at most `timeout`) and returns it.
@@ -343,14 +383,6 @@ impl<'a> Alertmanager<'a> {
                 bail!("no alert {alertname:?} within {timeout:?}; {held}");
             }
             std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Alertmanager<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", log_tail(&self.log));
         }
     }
 }

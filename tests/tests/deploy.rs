@@ -389,16 +389,8 @@ fn a_canary_with_almost_no_traffic_extends_its_step_and_does_not_promote() {
     let a = ok(&agent, json!({"cmd": "abort", "service": "web"}));
     assert_eq!(a["state"], "aborted", "{a:#}");
     assert_eq!(split_of(&agent)["blue"], 100.0);
-    let t = Instant::now();
-    while am
-        .alerts()
-        .unwrap()
-        .iter()
-        .any(|a| a["labels"]["alertname"] == "ZddDeploymentPaused")
-    {
-        assert!(t.elapsed() < Duration::from_secs(15), "not resolved");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    am.wait_until_gone("ZddDeploymentPaused", Duration::from_secs(15))
+        .unwrap();
 }
 
 #[test]
@@ -489,6 +481,25 @@ fn updater<'a>(
     }
 }
 
+/// Runs `f` with the updates folder (for [`update_command`]) while an [`updater`] serves
+/// it, the backends in `fail` refused by the command; returns the updates made, in order.
+fn with_updater(lab: &Lab, fail: &[&str], f: impl FnOnce(&Path)) -> Vec<String> {
+    let dir = lab.log_dir().join("updates");
+    std::fs::create_dir_all(&dir).unwrap();
+    if !fail.is_empty() {
+        std::fs::write(dir.join("fail"), fail.join("\n") + "\n").unwrap();
+    }
+    let stop = AtomicBool::new(false);
+    let log = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|sc| {
+        sc.spawn(updater(lab, &dir, &stop, &log));
+        // Also when an assertion fails: the scope waits for the updater.
+        let _stop = StopOnDrop(&stop);
+        f(&dir);
+    });
+    log.into_inner().unwrap()
+}
+
 /// Sets its flag when dropped.
 struct StopOnDrop<'a>(&'a AtomicBool);
 
@@ -526,38 +537,28 @@ fn a_rolling_update_replaces_every_backend_without_a_failed_request() {
     let lab = Lab::new(lab_spec!()).unwrap();
     let agent = Agent::start(&lab, &web(&lab, "blue = 50, green = 50", "", "")).unwrap();
     wait_all_up(&agent, &lab);
-    let dir = lab.log_dir().join("updates");
-    std::fs::create_dir_all(&dir).unwrap();
-    let stop = AtomicBool::new(false);
-    let log = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|sc| {
-        sc.spawn(updater(&lab, &dir, &stop, &log));
-        // Also when an assertion fails: the scope waits for the updater.
-        let _stop = StopOnDrop(&stop);
+    let updated = with_updater(&lab, &[], |dir| {
         let load = Load::start(&lab, vip(), LoadSpec::default());
         let t0 = Instant::now();
         let d = ok(
             &agent,
             json!({"cmd": "rolling", "service": "web", "batch": "1",
-                   "exec": update_command(&dir), "drain_timeout": "2s"}),
+                   "exec": update_command(dir), "drain_timeout": "2s"}),
         );
         let id = d["id"].as_u64().unwrap();
         assert_eq!(d["steps"].as_array().unwrap().len(), 4, "{d:#}");
         let done = finished(&agent, id, Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(300));
         let r = load.stop();
-        stop.store(true, Ordering::Relaxed);
         report("rolling over 4 backends", &r, t0.elapsed().as_secs_f64());
         eprintln!(
-            "rolling took {:.1}s: {:?}",
-            done["duration_ms"].as_f64().unwrap() / 1e3,
-            log.lock().unwrap()
+            "rolling took {:.1}s",
+            done["duration_ms"].as_f64().unwrap() / 1e3
         );
         assert_eq!(done["state"], "succeeded", "{done:#}");
         assert_eq!(r.failed(), 0, "{:?}", r.errors);
         assert_eq!(r.moved, 0, "{:?}", r.errors);
     });
-    let updated = log.lock().unwrap().clone();
     assert_eq!(
         updated,
         vec![
@@ -584,21 +585,13 @@ fn a_failing_update_stops_the_rolling_update_with_the_service_serving() {
         Agent::start_with(&lab, ALERTS, &web(&lab, "blue = 50, green = 50", "", "")).unwrap();
     let am = Alertmanager::start(&lab, Node::Edge).unwrap();
     wait_all_up(&agent, &lab);
-    let dir = lab.log_dir().join("updates");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("fail"), "green-1\n").unwrap();
-    let stop = AtomicBool::new(false);
-    let log = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|sc| {
-        sc.spawn(updater(&lab, &dir, &stop, &log));
-        // Also when an assertion fails: the scope waits for the updater.
-        let _stop = StopOnDrop(&stop);
+    let updated = with_updater(&lab, &["green-1"], |dir| {
         let load = Load::start(&lab, vip(), LoadSpec::default());
         let t0 = Instant::now();
         let d = ok(
             &agent,
             json!({"cmd": "rolling", "service": "web", "batch": "1",
-                   "exec": update_command(&dir), "drain_timeout": "1s"}),
+                   "exec": update_command(dir), "drain_timeout": "1s"}),
         );
         let id = d["id"].as_u64().unwrap();
         let stopped = wait_deployment(&agent, id, Duration::from_secs(40), "stopped", |d| {
@@ -632,19 +625,10 @@ fn a_failing_update_stops_the_rolling_update_with_the_service_serving() {
         std::fs::remove_file(dir.join("fail")).unwrap();
         let r = ok(&agent, json!({"cmd": "resume", "service": "web"}));
         assert_eq!(r["state"], "running");
-        let t = Instant::now();
-        while am
-            .alerts()
-            .unwrap()
-            .iter()
-            .any(|a| a["labels"]["alertname"] == "ZddRollingStopped")
-        {
-            assert!(t.elapsed() < Duration::from_secs(15), "not resolved");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        am.wait_until_gone("ZddRollingStopped", Duration::from_secs(15))
+            .unwrap();
         let done = finished(&agent, id, Duration::from_secs(40));
         let r = load.stop();
-        stop.store(true, Ordering::Relaxed);
         report(
             "rolling stopped at green-1, resumed",
             &r,
@@ -653,7 +637,7 @@ fn a_failing_update_stops_the_rolling_update_with_the_service_serving() {
         assert_eq!(done["state"], "succeeded", "{done:#}");
         assert_eq!(r.failed(), 0, "{:?}", r.errors);
     });
-    assert_eq!(log.lock().unwrap().len(), 4);
+    assert_eq!(updated.len(), 4, "{updated:?}");
 }
 
 /// `[alerts]` to the lab's Alertmanager (in the edge namespace, beside the agent).

@@ -905,13 +905,6 @@ fn validate_services_with(
     Ok(DesiredState { services: out })
 }
 
-/// A name a rollout step can use: not a number, so `--steps internal,10` is unambiguous.
-fn is_cohort_name(n: &str) -> bool {
-    n.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
 fn validate_cohorts(
     at: &str,
     cohorts: &[CohortSection],
@@ -921,7 +914,7 @@ fn validate_cohorts(
     let mut out: Vec<Cohort> = Vec::new();
     for (i, c) in cohorts.iter().enumerate() {
         let cat = format!("{at}.cohorts[{i}]");
-        if !is_cohort_name(&c.name) {
+        if !crate::state::is_cohort_name(&c.name) {
             return Err((
                 format!("{cat}.name"),
                 format!(

@@ -201,7 +201,7 @@ fn err(code: ErrorCode, m: impl Into<String>) -> ApiError {
     ApiError::new(code, m)
 }
 
-fn parse_timeout(t: &Option<String>, default: Duration) -> Result<Duration, ApiError> {
+pub(crate) fn parse_timeout(t: &Option<String>, default: Duration) -> Result<Duration, ApiError> {
     match t {
         None => Ok(default),
         Some(s) => config::parse_duration(s).map_err(|m| err(ErrorCode::Invalid, m)),
@@ -382,8 +382,8 @@ impl Control {
     /// those whose ejection is over. nat services with `outlier_ratio` only.
     pub fn passive_tick(&mut self) {
         let now = now_ms();
-        let mut events = Vec::new();
-        let mut alerts: Vec<(&str, String, String, String)> = Vec::new();
+        // (kind, service, message, backend): an event and an alert each.
+        let mut events: Vec<(&str, String, String, String)> = Vec::new();
         for s in &self.live.services {
             let h = &s.spec.health;
             if h.kind == HealthKind::None {
@@ -399,8 +399,7 @@ impl Control {
                         "{name}: backend {} returns after its ejection (slow start)",
                         b.name
                     );
-                    alerts.push(("backend_returned", name.clone(), m.clone(), b.name.clone()));
-                    events.push(("backend_returned", name.clone(), m));
+                    events.push(("backend_returned", name.clone(), m, b.name.clone()));
                 }
             }
             if h.outlier_ratio_pct == 0 || s.spec.forwarding != crate::state::Forwarding::Nat {
@@ -460,12 +459,11 @@ impl Control {
                     b.name,
                     period as f64 / 1e3
                 );
-                alerts.push(("backend_ejected", name.clone(), m.clone(), b.name.clone()));
-                events.push(("backend_ejected", name.clone(), m));
+                events.push(("backend_ejected", name.clone(), m, b.name.clone()));
             }
         }
         let changed = !events.is_empty();
-        for (kind, svc, message, backend) in &alerts {
+        for (kind, svc, message, backend) in &events {
             let group = self.group_of(svc, backend);
             self.alert(
                 "ZddBackendEjected",
@@ -481,7 +479,7 @@ impl Control {
                 None,
             );
         }
-        for (kind, svc, message) in events {
+        for (kind, svc, message, _) in events {
             self.record(
                 actor(None, "agent"),
                 kind,
@@ -940,18 +938,10 @@ impl Control {
         force: bool,
     ) -> Result<Value, ApiError> {
         let s = self.live.service(service)?;
-        let checked = s.spec.health.kind != HealthKind::None;
-        let healthy = |b: &str| {
-            !checked
-                || self
-                    .health
-                    .get(&(service.to_string(), b.to_string()))
-                    .is_some_and(|h| h.state == health::State::Up)
-        };
-        let serving = s.spec.backends.iter().any(|b| {
-            b.group == to && b.weight > 0 && !s.drains.contains_key(&b.name) && healthy(&b.name)
-        });
-        if !serving && !force && s.spec.backends.iter().any(|b| b.group == to) {
+        if !self.group_serves(service, to)
+            && !force
+            && s.spec.backends.iter().any(|b| b.group == to)
+        {
             return Err(err(
                 ErrorCode::Refused,
                 format!(
@@ -1003,11 +993,10 @@ impl Control {
             .find(|(x, _)| x == g)
             .map(|(_, b)| *b)
             .unwrap_or(0);
-        let pinned = s.spec.pins.iter().any(|p| &p.group == g);
-        let others = s.spec.backends.iter().any(|o| {
-            &o.group == g && o.name != name && o.weight > 0 && !s.drains.contains_key(&o.name)
-        });
-        if (share > 0 || pinned) && !others {
+        let starved = s
+            .spec
+            .groups_starved_without(&[name.to_string()], &|o| s.drains.contains_key(o));
+        if starved.contains(g) {
             return Err(err(
                 ErrorCode::Refused,
                 format!(

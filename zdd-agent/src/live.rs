@@ -77,24 +77,25 @@ pub fn split_percent(split: &[(String, u32)]) -> Split {
         .collect()
 }
 
+/// A percentage (0..=100, steps of 0.01) in buckets of 0.01%.
+pub fn percent_buckets(pct: f64) -> Result<u32, &'static str> {
+    if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {
+        return Err("a share is a percentage between 0 and 100");
+    }
+    let b = pct * 100.0;
+    if (b - b.round()).abs() > 1e-6 {
+        return Err("the split is set in steps of 0.01%");
+    }
+    Ok(b.round() as u32)
+}
+
 /// Percent (steps of 0.01) to buckets, every share checked.
 pub fn split_buckets(split: &Split) -> Result<Vec<(String, u32)>, ApiError> {
     let mut out = Vec::new();
     for (g, pct) in split {
-        if !pct.is_finite() || !(0.0..=100.0).contains(pct) {
-            return Err(err(
-                ErrorCode::Invalid,
-                format!("{g}={pct}: a share is a percentage between 0 and 100"),
-            ));
-        }
-        let b = pct * 100.0;
-        if (b - b.round()).abs() > 1e-6 {
-            return Err(err(
-                ErrorCode::Invalid,
-                format!("{g}={pct}: the split is set in steps of 0.01%"),
-            ));
-        }
-        out.push((g.clone(), b.round() as u32));
+        let b = percent_buckets(*pct)
+            .map_err(|m| err(ErrorCode::Invalid, format!("{g}={pct}: {m}")))?;
+        out.push((g.clone(), b));
     }
     let total: u32 = out.iter().map(|(_, b)| b).sum();
     if total != zdd_common::SPLIT_BUCKETS {

@@ -240,6 +240,14 @@ pub struct ServiceSpec {
     pub canary: CanarySpec,
 }
 
+/// A name a rollout step can use for a cohort: ASCII letters, digits, `-` and `_`, starting
+/// with a letter (so `--steps internal,10` reads unambiguously).
+pub fn is_cohort_name(n: &str) -> bool {
+    n.starts_with(|c: char| c.is_ascii_alphabetic())
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// `[[services.cohorts]]`: clients a rollout step can name, e.g. the company's own network.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cohort {
@@ -301,6 +309,28 @@ fn no_health() -> HealthSpec {
 }
 
 impl ServiceSpec {
+    /// Groups that get new flows (a share or a pin) and would have no backend taking them
+    /// without the backends in `out` (backends at weight 0, or for which `unavailable` says
+    /// so, drained or down, take none either). A drain, a removal or a rolling batch must
+    /// leave this empty.
+    pub fn groups_starved_without(
+        &self,
+        out: &[String],
+        unavailable: &dyn Fn(&str) -> bool,
+    ) -> Vec<String> {
+        self.groups()
+            .into_iter()
+            .filter(|g| {
+                let share = self.split.iter().any(|(x, b)| x == g && *b > 0);
+                let pinned = self.pins.iter().any(|p| &p.group == g);
+                let left = self.backends.iter().any(|b| {
+                    &b.group == g && b.weight > 0 && !out.contains(&b.name) && !unavailable(&b.name)
+                });
+                (share || pinned) && !left
+            })
+            .collect()
+    }
+
     /// Every group the service knows: from the split and from the backends, sorted.
     pub fn groups(&self) -> Vec<String> {
         let mut g: Vec<String> = self.split.iter().map(|(g, _)| g.clone()).collect();

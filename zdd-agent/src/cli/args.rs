@@ -481,92 +481,26 @@ fn shell_command(s: &str) -> Result<String, String> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Steps(pub Vec<String>);
 
-/// True for a cohort's name: ASCII letters, digits, `-` and `_`, starting with a letter.
-pub fn is_cohort_name(s: &str) -> bool {
-    s.starts_with(|c: char| c.is_ascii_alphabetic())
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
 /// `--steps`: comma-separated percentages (more than 0, at most 100, in steps of 0.01,
-/// increasing, an optional `%`) and cohort names. The agent checks them again (that the
-/// cohorts exist, among others).
+/// increasing, an optional `%`) and cohort names, checked by the agent's own rules (the
+/// agent also checks that the cohorts exist).
 pub fn steps(s: &str) -> Result<Steps, String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut last: Option<f64> = None;
-    for raw in s.split(',') {
-        let t = raw.trim();
-        if t.is_empty() {
-            return Err(
-                "a step is empty: give steps separated by single commas, e.g. 5,25,50,100".into(),
-            );
-        }
-        // A word is a cohort; anything that starts like a number must be a percentage (so
-        // `1e2` or `-5` are mistakes, not cohort names).
-        if t.starts_with(|c: char| c.is_ascii_alphabetic()) {
-            if !is_cohort_name(t) {
-                return Err(format!(
-                    "step {t:?}: a cohort name has only letters, digits, '-' and '_'"
-                ));
-            }
-            if out.iter().any(|o| o == t) {
-                return Err(format!("cohort {t:?} is given twice"));
-            }
-            out.push(t.to_string());
-            continue;
-        }
-        let num = t.strip_suffix('%').unwrap_or(t);
-        let pct = Some(num)
-            .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit() || c == '.'))
-            .and_then(|n| n.parse::<f64>().ok())
-            .ok_or_else(|| {
-                format!(
-                    "step {t:?} is neither a percentage (5, 2.5%) nor a cohort name (letters, \
-                     digits, '-' and '_', starting with a letter)"
-                )
-            })?;
-        if pct <= 0.0 || pct > 100.0 {
-            return Err(format!(
-                "step {t}: a percentage step is more than 0 and at most 100"
-            ));
-        }
-        let b = pct * 100.0;
-        if (b - b.round()).abs() > 1e-6 {
-            return Err(format!("step {t}: the split is set in steps of 0.01%"));
-        }
-        if let Some(prev) = last
-            && pct <= prev
-        {
-            return Err(format!(
-                "the percentages must increase: {} comes after {}",
-                fmt_pct(pct),
-                fmt_pct(prev)
-            ));
-        }
-        last = Some(pct);
-        out.push(fmt_pct(pct));
-    }
-    Ok(Steps(out))
+    let raw: Vec<String> = s.split(',').map(str::to_string).collect();
+    let parsed = crate::deploy::canary::parse_step_list(&raw)?;
+    Ok(Steps(
+        parsed
+            .into_iter()
+            .map(|step| match step {
+                crate::deploy::Step::Percent(b) => fmt_pct(b as f64 / 100.0),
+                crate::deploy::Step::Cohort(c) => c,
+            })
+            .collect(),
+    ))
 }
 
 /// `--batch`: `N` backends (at least 1) or `N%` of them (1..=100), as sent.
 pub fn batch(s: &str) -> Result<String, String> {
-    let t = s.trim();
-    let (num, pct) = match t.strip_suffix('%') {
-        Some(n) => (n, true),
-        None => (t, false),
-    };
-    let n = Some(num)
-        .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
-        .and_then(|n| n.parse::<u32>().ok());
-    match (n, pct) {
-        (Some(n @ 1..=100), true) => Ok(format!("{n}%")),
-        (Some(n @ 1..), false) => Ok(n.to_string()),
-        _ => Err(format!(
-            "{t:?}: a batch is a number of backends, at least 1 (`2`), or a whole percentage \
-             of the service's backends, 1% to 100% (`25%`)"
-        )),
-    }
+    crate::deploy::rolling::Batch::parse(s).map(|b| b.to_string())
 }
 
 fn cidr(s: &str) -> Result<String, String> {
@@ -1243,8 +1177,12 @@ mod tests {
             steps("5,qa_team-2,25").unwrap(),
             Steps(["5", "qa_team-2", "25"].map(String::from).to_vec())
         );
-        assert!(is_cohort_name("a1-_"));
-        assert!(!is_cohort_name("1a") && !is_cohort_name("") && !is_cohort_name("é"));
+        assert!(crate::state::is_cohort_name("a1-_"));
+        assert!(
+            !crate::state::is_cohort_name("1a")
+                && !crate::state::is_cohort_name("")
+                && !crate::state::is_cohort_name("é")
+        );
 
         let e = usage_error(&[
             "canary",

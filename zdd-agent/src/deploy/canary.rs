@@ -4,70 +4,93 @@
 use crate::{
     api::{CheckResult, GroupSignals},
     deploy::{Snap, Step},
-    state::{CanarySpec, Cohort, Pin},
+    state::{CanarySpec, Cohort, Pin, is_cohort_name},
 };
 
-/// Parses `["internal", "10", "50", "100"]`: percentages (0 < p <= 100, steps of 0.01,
-/// increasing) and names of the service's cohorts (each once).
-pub fn parse_steps(raw: &[String], cohorts: &[Cohort]) -> Result<Vec<Step>, String> {
+/// Steps as written (`["internal", "10", "2.5%", "100"]`), checked on their own (the CLI
+/// checks them so before sending): percentages above 0 and at most 100 in steps of 0.01,
+/// increasing, and nothing after 100; cohort names, each once, anywhere.
+pub fn parse_step_list(raw: &[String]) -> Result<Vec<Step>, String> {
     if raw.is_empty() {
         return Err("give at least one step (e.g. --steps 10,50,100)".into());
     }
     let mut out = Vec::new();
-    let mut last = 0u32;
+    let mut last: Option<u32> = None;
     for r in raw {
-        let r = r.trim();
-        if r.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_digit() || c == '.')
-        {
-            let pct: f64 = r
-                .trim_end_matches('%')
-                .parse()
-                .map_err(|_| format!("step {r:?} is not a percentage"))?;
-            let b = pct * 100.0;
-            if !pct.is_finite() || pct <= 0.0 || pct > 100.0 {
-                return Err(format!("step {r:?}: a percentage above 0 and at most 100"));
-            }
-            if (b - b.round()).abs() > 1e-6 {
-                return Err(format!("step {r:?}: steps of 0.01%"));
-            }
-            let b = b.round() as u32;
-            if b <= last {
-                return Err(format!(
-                    "step {r:?}: percentages must increase ({}% came before)",
-                    last as f64 / 100.0
-                ));
-            }
-            last = b;
-            out.push(Step::Percent(b));
-        } else {
-            if !cohorts.iter().any(|c| c.name == r) {
-                let known: Vec<&str> = cohorts.iter().map(|c| c.name.as_str()).collect();
-                return Err(if known.is_empty() {
-                    format!(
-                        "step {r:?} is neither a percentage nor a cohort: the service has no [[services.cohorts]]"
-                    )
-                } else {
-                    format!(
-                        "step {r:?} is neither a percentage nor a cohort of the service (cohorts: {})",
-                        known.join(", ")
-                    )
-                });
-            }
-            if out.iter().any(|s| *s == Step::Cohort(r.to_string())) {
-                return Err(format!("step {r:?} is listed twice"));
-            }
-            if last > 0 {
-                return Err(format!(
-                    "step {r:?}: cohorts come before the percentages (a cohort after {}% would add nobody new to most of them)",
-                    last as f64 / 100.0
-                ));
-            }
-            out.push(Step::Cohort(r.to_string()));
+        let t = r.trim();
+        if t.is_empty() {
+            return Err(
+                "a step is empty: give steps separated by single commas, e.g. 5,25,50,100".into(),
+            );
         }
+        if last == Some(zdd_common::SPLIT_BUCKETS) {
+            return Err(format!(
+                "step {t:?} comes after 100%: the canary ends there"
+            ));
+        }
+        // A word is a cohort; anything that starts like a number must be a percentage (so
+        // `1e2` or `-5` are mistakes, not cohort names).
+        if t.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            if !is_cohort_name(t) {
+                return Err(format!(
+                    "step {t:?}: a cohort name has only letters, digits, '-' and '_'"
+                ));
+            }
+            if out.iter().any(|s| *s == Step::Cohort(t.to_string())) {
+                return Err(format!("cohort {t:?} is given twice"));
+            }
+            out.push(Step::Cohort(t.to_string()));
+            continue;
+        }
+        let num = t.strip_suffix('%').unwrap_or(t);
+        let pct = Some(num)
+            .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit() || c == '.'))
+            .and_then(|n| n.parse::<f64>().ok())
+            .ok_or_else(|| {
+                format!(
+                    "step {t:?} is neither a percentage (5, 2.5%) nor a cohort name (letters, \
+                     digits, '-' and '_', starting with a letter)"
+                )
+            })?;
+        if pct <= 0.0 || pct > 100.0 {
+            return Err(format!(
+                "step {t}: a percentage step is more than 0 and at most 100"
+            ));
+        }
+        let b = crate::live::percent_buckets(pct).map_err(|m| format!("step {t}: {m}"))?;
+        if let Some(prev) = last
+            && b <= prev
+        {
+            return Err(format!(
+                "the percentages must increase: {} comes after {}",
+                b as f64 / 100.0,
+                prev as f64 / 100.0
+            ));
+        }
+        last = Some(b);
+        out.push(Step::Percent(b));
     }
     Ok(out)
+}
+
+/// As [`parse_step_list`], and every cohort is one of the service's.
+pub fn parse_steps(raw: &[String], cohorts: &[Cohort]) -> Result<Vec<Step>, String> {
+    let steps = parse_step_list(raw)?;
+    for s in &steps {
+        let Step::Cohort(name) = s else { continue };
+        if !cohorts.iter().any(|c| &c.name == name) {
+            let known: Vec<&str> = cohorts.iter().map(|c| c.name.as_str()).collect();
+            return Err(if known.is_empty() {
+                format!("step {name:?} is not a cohort: the service has no [[services.cohorts]]")
+            } else {
+                format!(
+                    "step {name:?} is not a cohort of the service (cohorts: {})",
+                    known.join(", ")
+                )
+            });
+        }
+    }
+    Ok(steps)
 }
 
 /// The canary's share at step `i`: the last percentage at or before it (0 before any).
@@ -325,17 +348,28 @@ mod tests {
             vec![Step::Percent(50), Step::Percent(2500)]
         );
         for (bad, want) in [
-            (vec!["50", "10"], "must increase"),
-            (vec!["0"], "above 0"),
+            (vec!["50", "10"], "must increase: 10 comes after 50"),
+            (vec!["0"], "more than 0"),
             (vec!["101"], "at most 100"),
             (vec!["0.001"], "0.01%"),
+            (vec!["1e2"], "neither a percentage"),
             (vec!["staff"], "cohorts: internal"),
-            (vec!["10", "internal"], "before the percentages"),
             (vec!["internal", "internal"], "twice"),
+            (vec!["100", "internal"], "after 100%"),
+            (vec!["10", ""], "a step is empty"),
         ] {
             let e = parse_steps(&s(&bad), &cohorts()).unwrap_err();
             assert!(e.contains(want), "{bad:?}: {e}");
         }
+        // A cohort may widen a canary after a percentage (employees after 10% of users).
+        assert_eq!(
+            parse_steps(&s(&["10", "internal", "50"]), &cohorts()).unwrap(),
+            vec![
+                Step::Percent(1000),
+                Step::Cohort("internal".into()),
+                Step::Percent(5000)
+            ]
+        );
         assert!(parse_steps(&[], &[]).is_err());
         assert!(
             parse_steps(&s(&["x"]), &[])

@@ -2,29 +2,53 @@
 
 use crate::state::ServiceSpec;
 
-/// `"2"` (backends per batch) or `"25%"` (of `total`, rounded up, at least 1).
-pub fn batch_size(spec: &str, total: usize) -> Result<usize, String> {
-    let s = spec.trim();
-    let n = if let Some(p) = s.strip_suffix('%') {
-        let pct: f64 = p.trim().parse().map_err(|_| {
-            format!("--batch {spec:?}: a number of backends (2) or a percentage (25%)")
-        })?;
-        if !pct.is_finite() || pct <= 0.0 || pct > 100.0 {
-            return Err(format!(
-                "--batch {spec:?}: a percentage above 0 and at most 100"
-            ));
+/// A rolling update's batch size, as given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Batch {
+    /// Backends per batch (at least 1).
+    Count(usize),
+    /// A whole percentage of the service's backends, 1..=100, rounded up.
+    Percent(u32),
+}
+
+impl std::fmt::Display for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Batch::Count(n) => write!(f, "{n}"),
+            Batch::Percent(p) => write!(f, "{p}%"),
         }
-        ((total as f64 * pct / 100.0).ceil() as usize).max(1)
-    } else {
-        let n: usize = s.parse().map_err(|_| {
-            format!("--batch {spec:?}: a number of backends (2) or a percentage (25%)")
-        })?;
-        if n == 0 {
-            return Err("--batch 0: at least one backend per batch".into());
+    }
+}
+
+impl Batch {
+    /// `"2"` or `"25%"` (the CLI checks it so before sending, the agent again).
+    pub fn parse(s: &str) -> Result<Batch, String> {
+        let t = s.trim();
+        let (num, pct) = match t.strip_suffix('%') {
+            Some(n) => (n, true),
+            None => (t, false),
+        };
+        let n = Some(num)
+            .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+            .and_then(|n| n.parse::<u32>().ok());
+        match (n, pct) {
+            (Some(n @ 1..=100), true) => Ok(Batch::Percent(n)),
+            (Some(n @ 1..), false) => Ok(Batch::Count(n as usize)),
+            _ => Err(format!(
+                "{t:?}: a batch is a number of backends, at least 1 (`2`), or a whole \
+                 percentage of the service's backends, 1% to 100% (`25%`)"
+            )),
         }
-        n
-    };
-    Ok(n.min(total.max(1)))
+    }
+
+    /// Backends per batch out of `total` (at least 1, at most all).
+    pub fn size(self, total: usize) -> usize {
+        let n = match self {
+            Batch::Count(n) => n,
+            Batch::Percent(p) => (total * p as usize).div_ceil(100),
+        };
+        n.clamp(1, total.max(1))
+    }
 }
 
 /// The service's backends in batches of `size`, in the config's order.
@@ -33,31 +57,6 @@ pub fn batches(spec: &ServiceSpec, size: usize) -> Vec<Vec<String>> {
         .chunks(size.max(1))
         .map(|c| c.iter().map(|b| b.name.clone()).collect())
         .collect()
-}
-
-/// Groups that get new flows (a share or a pin) and would have no backend taking them while
-/// `batch` is drained (backends already drained, at weight 0, or in `unavailable` count as
-/// not taking them).
-pub fn starved_groups(
-    spec: &ServiceSpec,
-    batch: &[String],
-    unavailable: &dyn Fn(&str) -> bool,
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for g in spec.groups() {
-        let share = spec.split.iter().any(|(x, b)| *x == g && *b > 0);
-        let pinned = spec.pins.iter().any(|p| p.group == g);
-        if !(share || pinned) {
-            continue;
-        }
-        let left = spec.backends.iter().any(|b| {
-            b.group == g && b.weight > 0 && !batch.contains(&b.name) && !unavailable(&b.name)
-        });
-        if !left {
-            out.push(g);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -91,17 +90,15 @@ mod tests {
 
     #[test]
     fn batch_sizes() {
-        assert_eq!(batch_size("1", 4), Ok(1));
-        assert_eq!(batch_size("25%", 4), Ok(1));
-        assert_eq!(batch_size("30%", 4), Ok(2));
-        assert_eq!(batch_size("9", 4), Ok(4));
-        assert!(batch_size("0", 4).is_err());
-        assert!(batch_size("0%", 4).is_err());
-        assert!(
-            batch_size("x", 4)
-                .unwrap_err()
-                .contains("a number of backends")
-        );
+        let size = |s: &str, total| Batch::parse(s).map(|b| b.size(total));
+        assert_eq!(size("1", 4), Ok(1));
+        assert_eq!(size("25%", 4), Ok(1));
+        assert_eq!(size("30%", 4), Ok(2));
+        assert_eq!(size("9", 4), Ok(4));
+        assert!(size("0", 4).is_err());
+        assert!(size("0%", 4).is_err());
+        assert!(size("x", 4).unwrap_err().contains("a number of backends"));
+        assert_eq!(Batch::parse(" 25% ").unwrap().to_string(), "25%");
     }
 
     #[test]
@@ -115,10 +112,13 @@ mod tests {
                 vec!["blue-4".to_string()]
             ]
         );
-        assert!(starved_groups(&s, &b[0], &|_| false).is_empty());
+        assert!(s.groups_starved_without(&b[0], &|_| false).is_empty());
         // blue-4 down: draining the first batch would leave blue nothing.
-        assert_eq!(starved_groups(&s, &b[0], &|n| n == "blue-4"), vec!["blue"]);
+        assert_eq!(
+            s.groups_starved_without(&b[0], &|n| n == "blue-4"),
+            vec!["blue"]
+        );
         let all = batches(&s, 4);
-        assert_eq!(starved_groups(&s, &all[0], &|_| false), vec!["blue"]);
+        assert_eq!(s.groups_starved_without(&all[0], &|_| false), vec!["blue"]);
     }
 }

@@ -31,12 +31,13 @@ impl Control {
                 format!("{service}: no backends to update"),
             ));
         }
-        let size = rolling::batch_size(batch, spec.backends.len())
-            .map_err(|m| err(ErrorCode::Invalid, m))?;
+        let size = rolling::Batch::parse(batch)
+            .map_err(|m| err(ErrorCode::Invalid, format!("--batch {m}")))?
+            .size(spec.backends.len());
         let batches = rolling::batches(&spec, size);
         let drains = s.drains.clone();
         for (i, b) in batches.iter().enumerate() {
-            let starved = rolling::starved_groups(&spec, b, &|n: &str| {
+            let starved = spec.groups_starved_without(b, &|n: &str| {
                 drains.contains_key(n) || !self.healthy(service, n)
             });
             if !starved.is_empty() {
@@ -94,7 +95,14 @@ impl Control {
         d.message = format!("{}: draining (started by uid {})", d.position(), peer.uid);
         drain_batch(&mut next, &d, now)?;
         next.deployments.push(d.clone());
-        self.commit_deploy(next, "deployment_started", service, d.message.clone())?;
+        self.commit_deploy(
+            next,
+            false,
+            "deployment_started",
+            service,
+            d.message.clone(),
+            Value::Null,
+        )?;
         Ok(json!(self.status_of(&d, now)))
     }
 
@@ -283,8 +291,9 @@ impl Control {
             }
             count_outcome(&mut next, d, State::Succeeded);
             if self
-                .commit_forced(
+                .commit_deploy(
                     next,
+                    true,
                     "deployment_succeeded",
                     &d.service,
                     message.clone(),
@@ -323,7 +332,8 @@ impl Control {
             log::error!("{}: draining the next batch: {e}", d.service);
         }
         let m = x.message.clone();
-        if let Err(e) = self.commit_deploy(next, "rolling_batch", &d.service, m) {
+        if let Err(e) = self.commit_deploy(next, false, "rolling_batch", &d.service, m, Value::Null)
+        {
             log::error!("{}: restoring batch {}: {e}", d.service, d.step + 1);
         }
     }

@@ -19,7 +19,6 @@ use crate::{
         ApiError, CheckResult, Command, DeploymentStatus, DeploymentsResult, ErrorCode,
         GroupSignals,
     },
-    config,
     control::{Control, Intent, Peer, now_ms},
     deploy::{
         CanaryPlan, Deployment, KEEP_PAST, Phase, Plan, RollingPlan, Snap, State, Step, canary,
@@ -39,17 +38,12 @@ fn err(code: ErrorCode, m: impl Into<String>) -> ApiError {
 }
 
 fn duration_ms(v: &Option<String>, default_ms: u64, what: &str) -> Result<u64, ApiError> {
-    match v {
-        None => Ok(default_ms),
-        Some(s) => {
-            let d = config::parse_duration(s)
-                .map_err(|m| err(ErrorCode::Invalid, format!("{what}: {m}")))?;
-            if d < Duration::from_secs(1) {
-                return Err(err(ErrorCode::Invalid, format!("{what} {s}: at least 1s")));
-            }
-            Ok(d.as_millis() as u64)
-        }
+    let d = crate::control::parse_timeout(v, Duration::from_millis(default_ms))
+        .map_err(|e| err(e.code, format!("{what}: {}", e.message)))?;
+    if d < Duration::from_secs(1) {
+        return Err(err(ErrorCode::Invalid, format!("{what}: at least 1s")));
     }
+    Ok(d.as_millis() as u64)
 }
 
 impl Control {
@@ -271,6 +265,20 @@ impl Control {
             .is_some_and(|h| h.state == health::State::Up && !h.ejected())
     }
 
+    /// The group has a backend that takes new flows now: healthy, not drained, weight > 0
+    /// (what `switch` and `canary` need of the group they send flows to).
+    pub(crate) fn group_serves(&self, service: &str, group: &str) -> bool {
+        let Ok(s) = self.live.service(service) else {
+            return false;
+        };
+        s.spec.backends.iter().any(|b| {
+            b.group == group
+                && b.weight > 0
+                && !s.drains.contains_key(&b.name)
+                && self.healthy(service, &b.name)
+        })
+    }
+
     /// The weights of a group's backends that take new flows now (healthy, not drained).
     pub(crate) fn healthy_capacity(&self, service: &str, group: &str) -> u32 {
         let Ok(s) = self.live.service(service) else {
@@ -441,8 +449,9 @@ impl Control {
                     x.message = message.clone();
                 }
                 count_outcome(&mut next, &d, State::Aborted);
-                self.commit_forced(
+                self.commit_deploy(
                     next,
+                    true,
                     "deployment_aborted",
                     service,
                     message.clone(),
@@ -571,35 +580,24 @@ impl Control {
             self.record_deploy("rolling_stopped", &svc, m, Value::Null);
         }
     }
+
     // -----------------------------------------------------------------------------------
     // Plumbing
     // -----------------------------------------------------------------------------------
 
+    /// Commits `next` (a deployment's change with the split, pins or drains it makes) and
+    /// records the event. `force`: ending a deployment (back to the baseline, or all to the
+    /// canary) is never refused by the serving-group rule; `numbers` go in the event.
     fn commit_deploy(
         &mut self,
         next: LiveState,
-        kind: &str,
-        service: &str,
-        message: String,
-    ) -> Result<(), ApiError> {
-        let warning = self.commit(next, false)?;
-        let message = match warning {
-            Some(w) => format!("{message} ({w})"),
-            None => message,
-        };
-        self.record_deploy(kind, service, message, Value::Null);
-        Ok(())
-    }
-
-    fn commit_forced(
-        &mut self,
-        next: LiveState,
+        force: bool,
         kind: &str,
         service: &str,
         message: String,
         numbers: Value,
     ) -> Result<(), ApiError> {
-        let warning = self.commit(next, true)?;
+        let warning = self.commit(next, force)?;
         let message = match warning {
             Some(w) => format!("{message} ({w})"),
             None => message,

@@ -92,13 +92,7 @@ impl Control {
                 ),
             ));
         }
-        let serving = spec.backends.iter().any(|b| {
-            b.group == to
-                && b.weight > 0
-                && !s.drains.contains_key(&b.name)
-                && self.healthy(service, &b.name)
-        });
-        if !serving {
+        if !self.group_serves(service, to) {
             return Err(err(
                 ErrorCode::Refused,
                 format!(
@@ -147,7 +141,14 @@ impl Control {
         d.message = format!("{}: started (by uid {})", d.position(), peer.uid);
         set_canary_step(&mut next, &d, 0)?;
         next.deployments.push(d.clone());
-        self.commit_deploy(next, "deployment_started", service, d.message.clone())?;
+        self.commit_deploy(
+            next,
+            false,
+            "deployment_started",
+            service,
+            d.message.clone(),
+            Value::Null,
+        )?;
         Ok(json!(self.status_of(&d, now)))
     }
 
@@ -398,7 +399,9 @@ impl Control {
                 if let Some(y) = Self::deployment_mut(&mut next, id) {
                     y.message = message.clone();
                 }
-                if let Err(e) = self.commit_deploy(next, "canary_step", &d.service, message) {
+                if let Err(e) =
+                    self.commit_deploy(next, false, "canary_step", &d.service, message, Value::Null)
+                {
                     log::error!(
                         "{}: applying the next canary step failed, it stays at the current one: {e}",
                         d.service
@@ -462,7 +465,7 @@ impl Control {
             _ => "deployment_aborted",
         };
         // Back to the baseline must never be refused: force past the serving-group rule.
-        let r = self.commit_forced(next, kind, &d.service, message.clone(), numbers);
+        let r = self.commit_deploy(next, true, kind, &d.service, message.clone(), numbers);
         if let Err(e) = r {
             log::error!("{}: ending {} failed: {e}", d.service, d.position());
             return;
