@@ -143,6 +143,24 @@ impl<'a> Prometheus<'a> {
         .map(Prometheus)
     }
 
+    /// Prometheus in the edge namespace as the tests use it: job `zdd` scrapes the agent's
+    /// endpoint at `agent_metrics` (`ip:port`), job `backends` every lab backend's server.
+    pub fn for_lab(lab: &'a Lab, agent_metrics: &str) -> Result<Prometheus<'a>> {
+        let backends = lab
+            .backends()
+            .iter()
+            .map(|b| b.http_v4().to_string())
+            .collect();
+        Self::start(
+            lab,
+            Node::Edge,
+            &[
+                ("zdd", vec![agent_metrics.to_string()]),
+                ("backends", backends),
+            ],
+        )
+    }
+
     /// The base URL, as seen from inside its namespace.
     pub fn url(&self) -> String {
         self.0.url()

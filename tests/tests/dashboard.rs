@@ -172,15 +172,7 @@ fn every_panel_of_the_dashboard_shows_data_from_a_live_agent() {
         )
     );
     let agent = Agent::start_with(&lab, &format!("metrics = \"{METRICS}\""), &services).unwrap();
-    let mut scrape = vec![("zdd", vec![METRICS.to_string()])];
-    scrape.push((
-        "backends",
-        lab.backends()
-            .iter()
-            .map(|b| b.http_v4().to_string())
-            .collect(),
-    ));
-    let prom = Prometheus::start(&lab, Node::Edge, &scrape).unwrap();
+    let prom = Prometheus::for_lab(&lab, METRICS).unwrap();
     prom.wait_targets_up(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
     let load = Load::start(

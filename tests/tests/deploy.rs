@@ -189,20 +189,7 @@ fn a_canary_whose_responses_turn_to_errors_is_rolled_back_by_prometheus() {
                  [alerts]\nalertmanager = [\"http://127.0.0.1:9093\"]\n";
     let services = web(&lab, "blue = 100, green = 0", "", analysis);
     let agent = Agent::start_with(&lab, extra, &services).unwrap();
-    let backends: Vec<String> = lab
-        .backends()
-        .iter()
-        .map(|b| b.http_v4().to_string())
-        .collect();
-    let prom = Prometheus::start(
-        &lab,
-        Node::Edge,
-        &[
-            ("zdd", vec!["127.0.0.1:9580".to_string()]),
-            ("backends", backends),
-        ],
-    )
-    .unwrap();
+    let prom = Prometheus::for_lab(&lab, "127.0.0.1:9580").unwrap();
     let am = Alertmanager::start(&lab, Node::Edge).unwrap();
     prom.wait_targets_up(Duration::from_secs(15)).unwrap();
     wait_all_up(&agent, &lab);

@@ -11,7 +11,7 @@ use std::{
 };
 
 use zdd_tests::{
-    Agent, Lab, Node, VIP_V4, lab_spec,
+    Agent, Lab, VIP_V4, lab_spec,
     load::{Load, LoadSpec},
     observability::{Prometheus, Sample},
     require_privileged,
@@ -64,17 +64,7 @@ fn prometheus_scrapes_the_agent_and_the_backends_and_sees_a_group_fail() {
         &web(&lab, "blue = 50, green = 50"),
     )
     .unwrap();
-    let backends: Vec<String> = lab
-        .backends()
-        .iter()
-        .map(|b| b.http_v4().to_string())
-        .collect();
-    let prom = Prometheus::start(
-        &lab,
-        Node::Edge,
-        &[("zdd", vec![METRICS.to_string()]), ("backends", backends)],
-    )
-    .unwrap();
+    let prom = Prometheus::for_lab(&lab, METRICS).unwrap();
     prom.wait_targets_up(Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log()));
     let ready = t0.elapsed();

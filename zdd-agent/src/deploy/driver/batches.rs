@@ -94,16 +94,7 @@ impl Control {
         };
         d.message = format!("{}: draining (started by uid {})", d.position(), peer.uid);
         drain_batch(&mut next, &d, now)?;
-        next.deployments.push(d.clone());
-        self.commit_deploy(
-            next,
-            false,
-            "deployment_started",
-            service,
-            d.message.clone(),
-            Value::Null,
-        )?;
-        Ok(json!(self.status_of(&d, now)))
+        self.launch(next, d)
     }
 
     pub(super) fn rolling_tick(&mut self, d: &Deployment, now: u64) {

@@ -491,6 +491,22 @@ impl Control {
         Ok(())
     }
 
+    /// Starts deployment `d`: `next` (with what its first step changes) plus `d`, committed
+    /// together; answers its status.
+    fn launch(&mut self, mut next: LiveState, d: Deployment) -> Result<Value, ApiError> {
+        let (service, message, now) = (d.service.clone(), d.message.clone(), d.started_ms);
+        next.deployments.push(d.clone());
+        self.commit_deploy(
+            next,
+            false,
+            "deployment_started",
+            &service,
+            message,
+            Value::Null,
+        )?;
+        Ok(json!(self.status_of(&d, now)))
+    }
+
     fn answer(&self, id: u64) -> Result<Value, ApiError> {
         let d = self
             .find(id)

@@ -114,7 +114,7 @@ impl Control {
         next.next_deployment_id = next.next_deployment_id.max(1);
         let id = next.next_deployment_id;
         next.next_deployment_id += 1;
-        let d = Deployment {
+        let mut d = Deployment {
             id,
             service: service.to_string(),
             state: State::Running,
@@ -137,19 +137,9 @@ impl Control {
             drained_before: Vec::new(),
             plan: Plan::Canary(plan),
         };
-        let mut d = d;
         d.message = format!("{}: started (by uid {})", d.position(), peer.uid);
         set_canary_step(&mut next, &d, 0)?;
-        next.deployments.push(d.clone());
-        self.commit_deploy(
-            next,
-            false,
-            "deployment_started",
-            service,
-            d.message.clone(),
-            Value::Null,
-        )?;
-        Ok(json!(self.status_of(&d, now)))
+        self.launch(next, d)
     }
 
     /// Starts the analysis of a canary's step: the agent's own criteria now, the queries
